@@ -1,0 +1,1 @@
+"""MuJoCo tasks with scripted experts, registered with gymnasium."""

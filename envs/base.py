@@ -1,0 +1,134 @@
+"""Base class for our own MuJoCo tasks, in dm_control's task shape.
+
+A task supplies physics accessors and four hooks — ``initialize_episode``, ``apply_action``,
+``get_state``, ``get_reward`` / ``is_success`` — and this class turns them into a gymnasium env
+with dict observations (``state`` always, ``image`` when asked), a seeded RNG, ``info["success"]``
+and fast headless rendering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+
+from envs.rendering import FastRenderer
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
+    """A gymnasium env around one MJCF model; subclasses implement the task hooks."""
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
+
+    xml_file: ClassVar[str] = ""  # file name under envs/assets/
+    state_dim: ClassVar[int] = 0
+    action_dim: ClassVar[int] = 0
+    frame_skip: ClassVar[int] = 10  # physics steps per control step
+    default_camera: ClassVar[str] = "top"
+
+    def __init__(
+        self,
+        image: bool = False,
+        camera: str | None = None,
+        image_size: int = 96,
+        render_mode: str | None = None,
+        render_size: int = 256,
+    ) -> None:
+        self.model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml_file))
+        self.data = mujoco.MjData(self.model)
+        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.control_dt)}
+        self.use_image = image
+        self.camera = camera or self.default_camera
+        self.image_size = image_size
+        self.render_mode = render_mode
+        self.render_size = render_size
+        spaces: dict[str, gym.Space[Any]] = {
+            "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32)
+        }
+        if image:
+            spaces["image"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.observation_space = gym.spaces.Dict(spaces)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
+        self._obs_renderer: FastRenderer | None = None
+        self._view_renderer: FastRenderer | None = None
+        self._rng = np.random.default_rng()
+        self._steps = 0
+
+    # ---- task hooks -------------------------------------------------------------------------
+    def initialize_episode(self, rng: np.random.Generator) -> None:
+        """Set the initial physics state (qpos/qvel/mocap/geom colours) and any task variables."""
+        raise NotImplementedError
+
+    def apply_action(self, action: np.ndarray) -> None:
+        """Write one control step's action (in [-1, 1]) into ``self.data.ctrl`` / mocap targets."""
+        raise NotImplementedError
+
+    def get_state(self) -> np.ndarray:
+        """The ``state`` observation (float32, shape (state_dim,))."""
+        raise NotImplementedError
+
+    def get_reward(self) -> float:
+        raise NotImplementedError
+
+    def is_success(self) -> bool:
+        raise NotImplementedError
+
+    def task_info(self) -> dict[str, Any]:
+        """Extra per-step info for experts and analysis (e.g. the chosen mode, the cue)."""
+        return {}
+
+    # ---- gymnasium API ----------------------------------------------------------------------
+    @property
+    def control_dt(self) -> float:
+        return float(self.model.opt.timestep * self.frame_skip)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        self._rng = self.np_random
+        mujoco.mj_resetData(self.model, self.data)
+        self.initialize_episode(self._rng)
+        mujoco.mj_forward(self.model, self.data)
+        self._steps = 0
+        return self._observation(), self._info()
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        action = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        if action.shape != (self.action_dim,):
+            raise ValueError(f"action has shape {action.shape}; expected ({self.action_dim},)")
+        self.apply_action(action)
+        mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+        self._steps += 1
+        info = self._info()
+        return self._observation(), float(self.get_reward()), bool(info["success"]), False, info
+
+    def render(self) -> np.ndarray | None:  # type: ignore[override]
+        if self.render_mode != "rgb_array":
+            return None
+        if self._view_renderer is None:
+            self._view_renderer = FastRenderer(self.model, self.render_size, self.camera)
+        return self._view_renderer.render(self.data)
+
+    def close(self) -> None:
+        for renderer in (self._obs_renderer, self._view_renderer):
+            if renderer is not None:
+                renderer.close()
+        self._obs_renderer = self._view_renderer = None
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _observation(self) -> dict[str, np.ndarray]:
+        obs = {"state": self.get_state().astype(np.float32)}
+        if self.use_image:
+            if self._obs_renderer is None:
+                self._obs_renderer = FastRenderer(self.model, self.image_size, self.camera)
+            obs["image"] = self._obs_renderer.render(self.data)
+        return obs
+
+    def _info(self) -> dict[str, Any]:
+        return {"success": bool(self.is_success()), "steps": self._steps, **self.task_info()}

@@ -1,0 +1,1 @@
+"""Our own MuJoCo tasks (MJCF under envs/assets/), each with a scripted expert."""

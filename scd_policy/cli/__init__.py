@@ -1,0 +1,1 @@
+"""Command-line entry points (declared as console scripts in pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""Data layer: the zarr replay buffer, windowed datasets and the normaliser."""
