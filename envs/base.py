@@ -23,7 +23,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     """A gymnasium env around one MJCF model; subclasses implement the task hooks."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": 10}
+    metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 10}  # noqa: RUF012
 
     xml_file: ClassVar[str] = ""  # file name under envs/assets/
     state_dim: ClassVar[int] = 0
@@ -52,7 +52,7 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         }
         if image:
             spaces["image"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
-        self.observation_space = gym.spaces.Dict(spaces)
+        self.observation_space: gym.spaces.Dict = gym.spaces.Dict(spaces)  # type: ignore[assignment]
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
         self._obs_renderer: FastRenderer | None = None
         self._view_renderer: FastRenderer | None = None
@@ -77,6 +77,10 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     def is_success(self) -> bool:
         raise NotImplementedError
+
+    def is_failure(self) -> bool:
+        """True when the episode has failed irrecoverably (it then terminates without success)."""
+        return False
 
     def task_info(self) -> dict[str, Any]:
         """Extra per-step info for experts and analysis (e.g. the chosen mode, the cue)."""
@@ -106,9 +110,10 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
         self._steps += 1
         info = self._info()
-        return self._observation(), float(self.get_reward()), bool(info["success"]), False, info
+        terminated = bool(info["success"]) or self.is_failure()
+        return self._observation(), float(self.get_reward()), terminated, False, info
 
-    def render(self) -> np.ndarray | None:  # type: ignore[override]
+    def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
         if self._view_renderer is None:

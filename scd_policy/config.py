@@ -257,8 +257,10 @@ class EvalConfig:
 class ExperimentConfig:
     """The whole run: what ``scd-train`` composes and a checkpoint stores (resolved)."""
 
-    task: str = ""
-    out: str = "runs/default"
+    task: str = ""  # registered task name (envs.registry); rollouts need it, training alone does not
+    dataset: str = ""  # the replay buffer to train on; configs/train.yaml routes it into data.path
+    out: str = "runs/default"  # the run folder: checkpoints, logs, evaluation results
+    camera: str | None = None  # image policies: the camera the data was collected with (from its card)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,476 @@
+"""An episode replay buffer stored as a zarr directory, laid out like Diffusion Policy's.
+
+Layout (zarr format 3 when we write; format 2 buffers from Diffusion Policy open read-only)::
+
+    <path>/
+        data/<key>          time-major arrays, (n_steps, *per_step_shape), one per data key
+        meta/episode_ends   int64 (n_episodes,), cumulative end index of every episode
+        (group attributes)  {"meta": {...}}: fps, source, a free-form dataset card, keys/shapes/dtypes
+
+Only ``meta/episode_ends`` says what is committed. An append writes the data arrays first and
+``episode_ends`` last, and the final step of that commit is one atomic file replace (the array's
+``zarr.json``), so a crash anywhere inside an append leaves every earlier episode readable. Rows
+past ``episode_ends[-1]`` are the residue of such a crash: readers ignore them and opening in
+append mode cuts them off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.core.metadata import ArrayV3Metadata
+
+FORMAT_NAME = "scd-policy/replay-buffer"
+FORMAT_VERSION = 1
+# Meta fields the buffer derives from the data itself; callers may not set them.
+DERIVED_META_KEYS = ("format", "format_version", "keys", "shapes", "dtypes")
+
+# Aim for compressed-chunk reads of about this many raw bytes: an image array then gets a few frames
+# per chunk (96x96x3 uint8 -> 4 frames), so a random training window decompresses little it does not
+# need, while low-dimensional arrays get long chunks (they are read whole anyway).
+_TARGET_CHUNK_BYTES = 128 * 1024
+_MAX_TIME_CHUNK = 8192
+
+
+class DatasetError(ValueError):
+    """A replay buffer or an episode is missing, malformed or inconsistent."""
+
+
+def is_image_shape(shape: tuple[int, ...]) -> bool:
+    """Per-step shapes stored as HWC images (1, 3 or 4 channels) by the project's convention."""
+    return len(shape) == 3 and shape[-1] in (1, 3, 4)
+
+
+def time_chunk_for(step_shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """Steps per chunk along time for an array whose steps have this shape and dtype (a power of 2)."""
+    step_bytes = max(1, math.prod(step_shape) * dtype.itemsize)
+    steps = max(1, _TARGET_CHUNK_BYTES // step_bytes)
+    return int(min(_MAX_TIME_CHUNK, 1 << (steps.bit_length() - 1)))
+
+
+def _compressor(dtype: np.dtype[Any]) -> BloscCodec:
+    # Byte shuffle helps multi-byte floats; for uint8 images it would be a no-op, so skip it.
+    shuffle = BloscShuffle.noshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle
+    return BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+
+
+def _check_json(values: Mapping[str, Any], what: str) -> None:
+    try:
+        json.dumps(dict(values), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"{what} must be JSON-serialisable: {exc}") from exc
+
+
+class ReplayBuffer:
+    """Episodes of time-major arrays in a zarr directory; see the module docstring for the layout."""
+
+    def __init__(self, path: Path, group: zarr.Group, read_only: bool) -> None:
+        # Use ReplayBuffer.create / ReplayBuffer.open; this only wires up an already-validated group.
+        self.path = path
+        self.read_only = read_only
+        self._group = group
+        self._arrays: dict[str, zarr.Array[Any]] = {}
+        self._cache: dict[str, np.ndarray] = {}
+        self._episode_ends = np.zeros(0, dtype=np.int64)
+        self._load_index()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls, path: str | Path, *, meta: dict[str, Any] | None = None, overwrite: bool = False
+    ) -> ReplayBuffer:
+        """Create an empty buffer at ``path`` (a new directory); ``meta`` holds e.g. fps, source, card."""
+        path = Path(path)
+        user_meta = dict(meta or {})
+        derived = sorted(set(user_meta) & set(DERIVED_META_KEYS))
+        if derived:
+            raise DatasetError(f"meta keys {derived} are derived from the data by the buffer; leave them out")
+        _check_json(user_meta, "replay buffer meta")
+        if path.exists():
+            if not overwrite:
+                raise DatasetError(
+                    f"{path} already exists; pass overwrite=True to replace it, or "
+                    "ReplayBuffer.open(path, mode='a') to append to it"
+                )
+            is_group = (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
+            if not path.is_dir() or not (is_group or not any(path.iterdir())):
+                # Deleting a whole tree is only safe for what is clearly an old buffer.
+                raise DatasetError(
+                    f"{path} exists and is not a zarr group or an empty folder; refusing to overwrite it"
+                )
+            shutil.rmtree(path)
+        group = zarr.open_group(path, mode="w", zarr_format=3)
+        group.require_group("data")
+        meta_group = group.require_group("meta")
+        # One chunk holds 64k episode ends; the commit step below relies on ends living in chunk files
+        # that are written before the array's shape is grown.
+        meta_group.create_array("episode_ends", shape=(0,), chunks=(1 << 16,), dtype="int64", fill_value=0)
+        record: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "fps": None,
+            "source": None,
+            "card": {},
+            "keys": [],
+            "shapes": {},
+            "dtypes": {},
+        }
+        record.update(user_meta)
+        group.attrs["meta"] = record
+        return cls(path, group, read_only=False)
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> ReplayBuffer:
+        """Open an existing buffer: ``mode="r"`` read-only, ``"a"`` to append episodes."""
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise DatasetError(f"mode={mode!r}; expected 'r' (read-only) or 'a' (append)")
+        if not path.exists():
+            raise DatasetError(
+                f"no replay buffer at {path}: the path does not exist (check data.path, or record data "
+                "first, e.g. with scd-collect)"
+            )
+        if not path.is_dir() or not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+            raise DatasetError(
+                f"{path} is not a zarr group (no zarr.json or .zgroup inside); expected a replay buffer "
+                "directory with data/<key> arrays and meta/episode_ends"
+            )
+        try:
+            group = zarr.open_group(path, mode="r" if mode == "r" else "r+")
+        except Exception as exc:  # zarr raises many types for a damaged store; report one
+            raise DatasetError(f"cannot open the zarr group at {path}: {exc}") from exc
+        if mode == "a" and group.metadata.zarr_format != 3:
+            raise DatasetError(
+                f"{path} is a zarr format {group.metadata.zarr_format} buffer (e.g. from Diffusion Policy); "
+                "it opens read-only (mode='r'). To add episodes, copy it into a new buffer made with "
+                "ReplayBuffer.create and append_episode"
+            )
+        buffer = cls(path, group, read_only=(mode == "r"))
+        if mode == "a":
+            buffer._repair_after_crash()
+        return buffer
+
+    # ------------------------------------------------------------------ index and validation
+    def _load_index(self) -> None:
+        group = self._group
+        if "data" not in group or not isinstance(group["data"], zarr.Group):
+            raise DatasetError(f"{self.path} has no 'data' group; expected data/<key> arrays")
+        if not (self.path / "meta" / "episode_ends").is_dir():
+            raise DatasetError(
+                f"{self.path} has no 'meta/episode_ends' array; it is not a replay buffer (or it is damaged)"
+            )
+        try:
+            ends_array = group["meta/episode_ends"]
+            if not isinstance(ends_array, zarr.Array):
+                raise TypeError("it is a group, not an array")
+            ends = np.asarray(ends_array[:])
+        except Exception as exc:  # zarr raises many types for a damaged array; report one
+            raise DatasetError(f"cannot read meta/episode_ends in {self.path}: {exc}") from exc
+        self._check_episode_ends(ends)
+        self._episode_ends = ends.astype(np.int64)
+        self._ends_array = ends_array
+
+        data_group = group["data"]
+        assert isinstance(data_group, zarr.Group)
+        self._arrays = {}
+        # List the children from the directory rather than through zarr, which parses every child's
+        # metadata while listing: one damaged array should be reported by name.
+        names = sorted(child.name for child in (self.path / "data").iterdir() if child.is_dir())
+        for key in names:
+            try:
+                array = data_group[key]
+            except Exception as exc:
+                raise DatasetError(f"cannot read array data/{key} in {self.path}: {exc}") from exc
+            if not isinstance(array, zarr.Array) or array.ndim < 1:
+                raise DatasetError(f"data/{key} in {self.path} is not a time-major array (n_steps, ...)")
+            self._arrays[key] = array
+        n_steps = self.n_steps
+        if n_steps > 0 and not self._arrays:
+            raise DatasetError(f"{self.path}: meta/episode_ends counts {n_steps} steps but data/ is empty")
+        residue = []
+        for key, array in self._arrays.items():
+            if array.shape[0] < n_steps:
+                lengths = {k: a.shape[0] for k, a in self._arrays.items()}
+                raise DatasetError(
+                    f"data/{key} in {self.path} has {array.shape[0]} steps but meta/episode_ends[-1] = "
+                    f"{n_steps}; every data array must hold all steps (array lengths: {lengths})"
+                )
+            if array.shape[0] > n_steps:
+                residue.append(key)
+        if residue and self.read_only:
+            warnings.warn(
+                f"{self.path}: data arrays {residue} hold steps past meta/episode_ends[-1]={n_steps} "
+                "(left by an interrupted append); they are ignored. Open with mode='a' to cut them off.",
+                stacklevel=3,
+            )
+
+    def _check_episode_ends(self, ends: np.ndarray) -> None:
+        where = f"meta/episode_ends in {self.path}"
+        if ends.ndim != 1 or not np.issubdtype(ends.dtype, np.integer):
+            raise DatasetError(f"{where} must be a 1-D integer array, got {ends.shape} {ends.dtype}")
+        if ends.size and ends[0] <= 0:
+            raise DatasetError(f"{where} starts with {ends[0]}; every episode needs at least one step (> 0)")
+        steps = np.diff(ends)
+        if steps.size and (steps <= 0).any():
+            bad = int(np.argmax(steps <= 0)) + 1
+            raise DatasetError(
+                f"{where} must be strictly increasing cumulative ends, but entry {bad} is {ends[bad]} after "
+                f"{ends[bad - 1]}"
+            )
+
+    def _repair_after_crash(self) -> None:
+        """Cut data rows past the last committed episode (residue of an interrupted append)."""
+        n_steps = self.n_steps
+        if n_steps == 0 and self._arrays:
+            # No episode was ever committed, so the arrays' schema was never committed either: drop
+            # them so the next append may define it afresh.
+            data_group = self._group["data"]
+            assert isinstance(data_group, zarr.Group)
+            for key in list(self._arrays):
+                del data_group[key]
+            self._arrays = {}
+            self._write_schema()
+            return
+        for array in self._arrays.values():
+            if array.shape[0] > n_steps:
+                array.resize((n_steps, *array.shape[1:]))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_episodes(self) -> int:
+        return int(self._episode_ends.shape[0])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._episode_ends[-1]) if self._episode_ends.size else 0
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self._episode_ends.copy()
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self._episode_ends, prepend=0)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._arrays)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-step shape of every key (the array shape without its time axis)."""
+        return {key: tuple(int(d) for d in array.shape[1:]) for key, array in self._arrays.items()}
+
+    @property
+    def dtypes(self) -> dict[str, np.dtype[Any]]:
+        return {key: np.dtype(array.dtype) for key, array in self._arrays.items()}
+
+    @property
+    def zarr_format(self) -> int:
+        return int(self._group.metadata.zarr_format)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The dataset record: stored attributes plus keys/shapes/dtypes read from the arrays."""
+        stored = self._group.attrs.get("meta", {})
+        record: dict[str, Any] = json.loads(json.dumps(stored)) if isinstance(stored, dict) else {}
+        record.setdefault("fps", None)
+        record.setdefault("source", None)
+        record.setdefault("card", {})
+        record.update(self._schema_record())
+        return record
+
+    def _schema_record(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys,
+            "shapes": {key: list(shape) for key, shape in self.shapes.items()},
+            "dtypes": {key: dtype.str for key, dtype in self.dtypes.items()},
+        }
+
+    def update_meta(self, **values: Any) -> None:
+        """Set fields of the dataset record (JSON-able values; keys/shapes/dtypes are derived)."""
+        self._require_writable("update_meta")
+        derived = sorted(set(values) & set(DERIVED_META_KEYS))
+        if derived:
+            raise DatasetError(f"meta keys {derived} are derived from the data by the buffer; leave them out")
+        _check_json(values, "replay buffer meta")
+        stored = self._group.attrs.get("meta", {})
+        record = dict(stored) if isinstance(stored, dict) else {}
+        record.update(values)
+        self._group.attrs["meta"] = record
+
+    def _write_schema(self) -> None:
+        stored = self._group.attrs.get("meta", {})
+        record = dict(stored) if isinstance(stored, dict) else {}
+        record.update(self._schema_record())
+        self._group.attrs["meta"] = record
+
+    def _require_writable(self, what: str) -> None:
+        if self.read_only:
+            raise DatasetError(f"{what}: {self.path} is open read-only; open it with mode='a'")
+
+    # ------------------------------------------------------------------ reading
+    def _check_key(self, key: str) -> zarr.Array[Any]:
+        if key not in self._arrays:
+            raise KeyError(f"no data key {key!r} in {self.path}; known keys: {self.keys}")
+        return self._arrays[key]
+
+    def episode_slice(self, index: int) -> slice:
+        """Global step range of episode ``index`` (negative indices count from the end)."""
+        n = self.n_episodes
+        if not -n <= index < n:
+            raise IndexError(f"episode index {index} out of range for {n} episodes in {self.path}")
+        index %= n
+        start = int(self._episode_ends[index - 1]) if index > 0 else 0
+        return slice(start, int(self._episode_ends[index]))
+
+    def get_episode(self, index: int) -> dict[str, np.ndarray]:
+        """Every key's arrays for one episode, (T, *shape) each."""
+        span = self.episode_slice(index)
+        return {key: self._read_range(key, span.start, span.stop) for key in self._arrays}
+
+    def _read_range(self, key: str, start: int, stop: int) -> np.ndarray:
+        if key in self._cache:
+            return self._cache[key][start:stop].copy()
+        return np.asarray(self._check_key(key)[start:stop])
+
+    def load(self, key: str) -> np.ndarray:
+        """All committed steps of one key as an in-memory array (n_steps, *shape)."""
+        self._check_key(key)
+        return self._read_range(key, 0, self.n_steps)
+
+    def cache(self, keys: Iterable[str]) -> None:
+        """Keep these keys in memory, so ``get_steps`` on them is a numpy gather (for small arrays)."""
+        for key in keys:
+            if key not in self._cache:
+                self._cache[key] = self.load(key)
+
+    def get_steps(self, key: str, indices: npt.ArrayLike) -> np.ndarray:
+        """Rows at arbitrary global step indices (any order, repeats allowed): (len(indices), *shape)."""
+        array = self._check_key(key)
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise IndexError(f"get_steps({key!r}) takes a 1-D index array, got shape {idx.shape}")
+        if idx.size == 0:
+            return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= self.n_steps:
+            raise IndexError(f"step indices [{low}, {high}] out of range [0, {self.n_steps}) for {key!r}")
+        if key in self._cache:
+            return self._cache[key][idx]
+        unique, inverse = np.unique(idx, return_inverse=True)
+        # A training window is a short run of consecutive steps (with repeats from edge padding):
+        # one contiguous read is then cheapest. Scattered indices go through zarr's orthogonal gather.
+        if high - low + 1 <= 2 * unique.size:
+            block = np.asarray(array[low : high + 1])
+            return block[idx - low]
+        rows = np.asarray(array.get_orthogonal_selection((unique,)))
+        return rows[inverse.reshape(-1)]
+
+    # ------------------------------------------------------------------ writing
+    def append_episode(self, episode: dict[str, np.ndarray]) -> None:
+        """Append one episode: every array (T, *shape) with the same T >= 1; keys/shapes/dtypes as stored."""
+        self._require_writable("append_episode")
+        arrays = self._validate_episode(episode)
+        length = next(iter(arrays.values())).shape[0]
+        start, stop = self.n_steps, self.n_steps + length
+        if not self._arrays:
+            self._create_arrays(arrays)
+        # 1) data rows first: until episode_ends changes, readers do not see them.
+        for key, values in arrays.items():
+            array = self._arrays[key]
+            array.resize((stop, *array.shape[1:]))
+            array[start:stop] = values
+        # 2) commit.
+        self._commit_episode_end(stop)
+        self._episode_ends = np.append(self._episode_ends, np.int64(stop))
+        if self._cache:
+            for key in list(self._cache):
+                self._cache[key] = np.concatenate([self._cache[key], arrays[key]], axis=0)
+
+    def _commit_episode_end(self, end: int) -> None:
+        """Add ``end`` to meta/episode_ends with a single atomic file replace as the commit point.
+
+        Growing the array and then writing the value would leave a window in which the new last end
+        reads as the fill value. Instead the value is written into the chunk first through a handle
+        that already has the larger shape (its chunk file holds positions past the stored shape, which
+        readers never see), and only then is the stored shape grown, by one atomic zarr.json replace.
+        """
+        array = self._ends_array
+        n = array.shape[0]
+        metadata = array.metadata
+        assert isinstance(metadata, ArrayV3Metadata)  # only format-3 buffers open for appending
+        grown = zarr.Array(zarr.AsyncArray(metadata.update_shape((n + 1,)), array.store_path))
+        grown[n] = end
+        array.resize((n + 1,))
+
+    def _validate_episode(self, episode: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if not isinstance(episode, Mapping) or not episode:
+            raise DatasetError("append_episode takes a non-empty dict of key -> array (T, *shape)")
+        arrays = {str(key): np.asarray(value) for key, value in episode.items()}
+        for key, values in arrays.items():
+            if values.ndim < 1:
+                raise DatasetError(f"episode[{key!r}] is a scalar; expected a time-major array (T, *shape)")
+            if "/" in key or not key:
+                raise DatasetError(f"episode key {key!r} is not a valid array name (non-empty, no '/')")
+        lengths = {key: int(values.shape[0]) for key, values in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise DatasetError(f"episode arrays must share their length T on axis 0, got {lengths}")
+        if next(iter(lengths.values())) < 1:
+            raise DatasetError("an episode needs at least one step (T >= 1)")
+        if self._arrays:
+            expected, given = set(self._arrays), set(arrays)
+            if expected != given:
+                raise DatasetError(
+                    f"episode keys {sorted(given)} do not match the buffer's keys {sorted(expected)} in "
+                    f"{self.path} (missing: {sorted(expected - given)}, extra: {sorted(given - expected)})"
+                )
+            for key, values in arrays.items():
+                shape, dtype = self.shapes[key], self.dtypes[key]
+                if values.shape[1:] != shape:
+                    raise DatasetError(
+                        f"episode[{key!r}] has per-step shape {values.shape[1:]}; {self.path} stores {shape}"
+                    )
+                if values.dtype != dtype:
+                    raise DatasetError(
+                        f"episode[{key!r}] has dtype {values.dtype}; {self.path} stores {dtype} "
+                        f"(convert with .astype(np.{dtype.name}))"
+                    )
+        for key, values in arrays.items():
+            if values.dtype.kind not in "biuf":
+                raise DatasetError(f"episode[{key!r}] has dtype {values.dtype}; expected a numeric array")
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                bad_step = int(np.argwhere(~np.isfinite(values))[0][0])
+                raise DatasetError(f"episode[{key!r}] holds NaN or inf (first at step {bad_step})")
+        return arrays
+
+    def _create_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        data_group = self._group["data"]
+        assert isinstance(data_group, zarr.Group)
+        for key, values in sorted(arrays.items()):
+            step_shape = tuple(values.shape[1:])
+            self._arrays[key] = data_group.create_array(
+                key,
+                shape=(0, *step_shape),
+                chunks=(time_chunk_for(step_shape, values.dtype), *step_shape),
+                dtype=values.dtype,
+                compressors=_compressor(values.dtype),
+                fill_value=0,
+            )
+        self._write_schema()
+
+    def __repr__(self) -> str:
+        return (
+            f"ReplayBuffer({str(self.path)!r}, episodes={self.n_episodes}, steps={self.n_steps}, "
+            f"shapes={self.shapes}, read_only={self.read_only})"
+        )
