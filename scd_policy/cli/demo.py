@@ -13,7 +13,8 @@ def main() -> int:
     import torch
     import zarr
 
-    print(f"scd-policy set-up OK: torch {torch.__version__}, mujoco {mujoco.__version__}, zarr {zarr.__version__}")
+    versions = f"torch {torch.__version__}, mujoco {mujoco.__version__}, zarr {zarr.__version__}"
+    print(f"scd-policy set-up OK: {versions}")
     missing = [
         name
         for name, module in (
@@ -24,7 +25,9 @@ def main() -> int:
         if importlib.util.find_spec(module) is None
     ]
     if missing:
-        print("The main job (collect -> train -> evaluate) is not available yet; missing: " + ", ".join(missing))
+        print(
+            "The main job (collect -> train -> evaluate) is not available yet; missing: " + ", ".join(missing)
+        )
     return 0
 
 

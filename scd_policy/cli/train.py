@@ -1,0 +1,69 @@
+"""``scd-train``: train a policy on a replay buffer (see ``scd-train --help``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from scd_policy.cli.common import setup_logging, to_object
+from scd_policy.config import ExperimentConfig, config_dir, register_configs
+from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
+from scd_policy.policies import Policy
+from scd_policy.training.trainer import RolloutFn, train
+
+log = logging.getLogger("scd_policy.train")
+
+
+def rollout_during_training(cfg: ExperimentConfig, run_dir: Path) -> RolloutFn | None:
+    """Periodic success-rate evaluation on the first evaluation seed (the full sweep is scd-eval's)."""
+    if not cfg.task:
+        return None
+    from dataclasses import replace
+
+    from scd_policy.evaluation import EnvSettings, evaluate
+
+    eval_cfg = replace(cfg.eval, seeds=cfg.eval.seeds[:1], videos=0)
+
+    def run(policy: Policy, step: int) -> dict[str, float]:
+        settings = EnvSettings.for_policy(cfg.task, policy, cfg.camera)
+        results_path = run_dir / "eval" / f"step_{step:08d}.json"
+        results = evaluate(policy, settings, eval_cfg, results_path=results_path, progress=False)
+        return {key: float(results[key]) for key in ("success_rate", "mean_return", "latency_ms_p50")}
+
+    return run
+
+
+def run_training(cfg: ExperimentConfig) -> Path:
+    """Train as configured; fills the camera from the dataset card when the policy reads images."""
+    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys):
+        try:
+            card = ReplayBuffer.open(cfg.data.path).meta
+        except DatasetError as error:
+            raise SystemExit(str(error)) from None
+        camera = card.get("camera")
+        cfg.camera = str(camera) if camera else None
+    run_dir = Path(cfg.out)
+    return train(cfg, run_dir, rollout_during_training(cfg, run_dir))
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    setup_logging()
+    experiment = to_object(cfg, ExperimentConfig)
+    try:
+        final = run_training(experiment)
+    except DatasetError as error:
+        raise SystemExit(f"dataset error: {error}") from None
+    log.info("done: %s", final)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Diffusion processes and samplers, apart from the networks.
+
+Every network is called through ``denoise_fn(x_t, t) -> prediction`` with ``t`` a float tensor (N,) in
+[0, 1] — the *network time* — so a policy only supplies its network call:
+
+- ``process="flow"`` (default): flow matching, ``x_t = (1 - t) x0 + t eps``; the network predicts the
+  velocity ``eps - x0``; training times are logit-normal; sampling integrates from t = 1 (noise) to
+  t = 0 (data) with ``K`` Euler steps.
+- ``process="ddpm"``: discrete DDPM with ``num_train_timesteps`` steps and the ``squaredcos_cap_v2``
+  schedule; the network predicts the noise eps and sees t = index / num_train_timesteps. Samplers:
+  ancestral DDPM and deterministic DDIM (eta = 0) over ``K`` evenly spaced ("leading") timesteps;
+  ``clip_sample`` clamps the predicted x0 to [-1, 1] (actions are normalised to that range).
+
+Randomness comes only from the ``generator`` argument (or the caller's ``noise``), so sampling is
+reproducible under a seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from scd_policy.config import DiffusionConfig
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def sample_train_times(
+    n: int,
+    config: DiffusionConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Network times (n,) for a training batch: logit-normal (flow) or uniform discrete steps (ddpm)."""
+    gen_device = generator.device if generator is not None else "cpu"
+    if config.process == "flow":
+        z = torch.randn(n, generator=generator, device=gen_device)
+        t = torch.sigmoid(config.logit_normal_mean + config.logit_normal_std * z)
+    else:
+        steps = torch.randint(0, config.num_train_timesteps, (n,), generator=generator, device=gen_device)
+        t = steps.to(torch.float32) / config.num_train_timesteps
+    return t.to(device) if device is not None else t
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """(N,) -> (N, 1, ..., 1) broadcastable against ``like`` (N, ...), in like's dtype."""
+    return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def add_noise(x0: Tensor, noise: Tensor, t: Tensor, config: DiffusionConfig) -> Tensor:
+    """The noisy sample x_t for clean x0 (N, ...), noise of the same shape and network times t (N,)."""
+    if config.process == "flow":
+        tt = _per_sample(t, x0)
+        return (1 - tt) * x0 + tt * noise
+    alpha_bar = _alpha_bar_at(t, config).to(x0.device)
+    a = _per_sample(alpha_bar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def training_target(x0: Tensor, noise: Tensor, config: DiffusionConfig) -> Tensor:
+    """What the network learns to predict: the velocity eps - x0 (flow) or the noise eps (ddpm)."""
+    return noise - x0 if config.process == "flow" else noise
+
+
+# ----------------------------------------------------------------------------- DDPM schedule
+
+
+@lru_cache(maxsize=8)
+def _alphas_cumprod(num_train_timesteps: int, beta_schedule: str) -> tuple[float, ...]:
+    if beta_schedule == "squaredcos_cap_v2":
+        # Nichol & Dhariwal 2021: alpha_bar(s) = cos^2(((s + 0.008) / 1.008) * pi / 2), betas capped.
+        def alpha_bar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        steps = num_train_timesteps
+        betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)]
+    elif beta_schedule == "linear":
+        betas = [1e-4 + (0.02 - 1e-4) * i / (num_train_timesteps - 1) for i in range(num_train_timesteps)]
+    else:
+        raise ValueError(f"beta_schedule={beta_schedule!r}; expected 'squaredcos_cap_v2' or 'linear'")
+    out, product = [], 1.0
+    for beta in betas:
+        product *= 1 - beta
+        out.append(product)
+    return tuple(out)
+
+
+def alphas_cumprod(config: DiffusionConfig) -> Tensor:
+    """Cumulative products of (1 - beta) for the DDPM schedule, (num_train_timesteps,) float64."""
+    return torch.tensor(
+        _alphas_cumprod(config.num_train_timesteps, config.beta_schedule), dtype=torch.float64
+    )
+
+
+def _step_index(t: Tensor, config: DiffusionConfig) -> Tensor:
+    index = torch.round(t.to(torch.float64) * config.num_train_timesteps).long()
+    return index.clamp(0, config.num_train_timesteps - 1)
+
+
+def _alpha_bar_at(t: Tensor, config: DiffusionConfig) -> Tensor:
+    return alphas_cumprod(config).to(t.device)[_step_index(t, config)]
+
+
+def inference_timesteps(config: DiffusionConfig, num_steps: int) -> list[int]:
+    """DDPM/DDIM step indices, highest first, evenly spaced from 0 ("leading" spacing)."""
+    if not 1 <= num_steps <= config.num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_steps} must be in "
+            f"[1, num_train_timesteps={config.num_train_timesteps}]"
+        )
+    ratio = config.num_train_timesteps // num_steps
+    return [i * ratio for i in reversed(range(num_steps))]
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def initial_noise(
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Standard normal noise drawn on the generator's device, then moved to ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def sample(
+    denoise_fn: DenoiseFn,
+    shape: Sequence[int],
+    config: DiffusionConfig,
+    *,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw clean samples of ``shape`` (N, ...) with the configured sampler and K = ``num_steps`` steps.
+
+    ``noise`` (if given) is the starting point x_1 / x_T and must have ``shape``; otherwise it is drawn
+    from ``generator``. The DDPM sampler draws its per-step noise from ``generator`` too.
+    """
+    steps = config.num_inference_steps if num_steps is None else int(num_steps)
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    if noise is None:
+        x = initial_noise(shape, generator=generator, device=device, dtype=dtype)
+    else:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
+        x = noise.to(device=device if device is not None else noise.device, dtype=dtype)
+    if config.process == "flow":
+        return euler_sample(denoise_fn, x, steps)
+    if config.sampler == "ddim":
+        return ddim_sample(denoise_fn, x, config, steps)
+    return ddpm_sample(denoise_fn, x, config, steps, generator=generator)
+
+
+def euler_sample(denoise_fn: DenoiseFn, x: Tensor, num_steps: int) -> Tensor:
+    """Flow matching: integrate dx/dt = v(x, t) from t = 1 to t = 0 in ``num_steps`` equal Euler steps."""
+    n = x.shape[0]
+    for k in range(num_steps):
+        t, t_next = 1.0 - k / num_steps, 1.0 - (k + 1) / num_steps
+        v = denoise_fn(x, torch.full((n,), t, device=x.device, dtype=torch.float32))
+        x = x + (t_next - t) * v
+    return x
+
+
+def _predict_x0(x: Tensor, eps: Tensor, alpha_bar: float, clip: bool) -> tuple[Tensor, Tensor]:
+    """x0 from the noise prediction; with clipping, eps is re-derived so x0 and eps stay consistent."""
+    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
+    return x0, eps
+
+
+def ddpm_sample(
+    denoise_fn: DenoiseFn,
+    x: Tensor,
+    config: DiffusionConfig,
+    num_steps: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Ancestral DDPM sampling over ``num_steps`` of the schedule's steps (posterior q(x_prev | x_t, x0))."""
+    abar = _alphas_cumprod(config.num_train_timesteps, config.beta_schedule)
+    timesteps = inference_timesteps(config, num_steps)
+    n = x.shape[0]
+    for i, step in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
+        t = torch.full((n,), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
+        x0, _ = _predict_x0(x, denoise_fn(x, t), a_t, config.clip_sample)
+        alpha = a_t / a_prev  # effective alpha of the (possibly skipped) transition
+        beta = 1 - alpha
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
+        if prev >= 0:
+            variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+            z = initial_noise(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = mean + math.sqrt(variance) * z
+        else:
+            x = mean
+    return x
+
+
+def ddim_sample(denoise_fn: DenoiseFn, x: Tensor, config: DiffusionConfig, num_steps: int) -> Tensor:
+    """Deterministic DDIM (eta = 0): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
+    abar = _alphas_cumprod(config.num_train_timesteps, config.beta_schedule)
+    timesteps = inference_timesteps(config, num_steps)
+    n = x.shape[0]
+    for i, step in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
+        t = torch.full((n,), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
+        x0, eps = _predict_x0(x, denoise_fn(x, t), a_t, config.clip_sample)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x

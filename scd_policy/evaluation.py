@@ -1,0 +1,216 @@
+"""Rollout evaluation: run a policy through the deployment runtime in parallel MuJoCo environments.
+
+Episodes are seeded from a fixed list: for evaluation seed ``s`` and episode ``i`` the environment is
+reset with ``s * 1_000_003 + i`` and the policy's sampling noise is seeded with ``s``, so two runs of
+the same checkpoint give the same numbers. Success rate is reported per seed and as mean and standard
+deviation over seeds (the spread the anchors report).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from envs.registry import get_task, make_env
+from scd_policy.config import EvalConfig
+from scd_policy.io import atomic_write_text
+from scd_policy.policies import Policy
+from scd_policy.runtime import SCDPolicy
+
+log = logging.getLogger(__name__)
+
+EPISODE_SEED_STRIDE = 1_000_003  # keeps the episode seeds of different evaluation seeds disjoint
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """How to build the task's environment so that it produces what the policy reads."""
+
+    task: str
+    image: bool = False
+    camera: str | None = None
+    image_size: int = 96
+
+    @classmethod
+    def for_policy(cls, task: str, policy: Policy, camera: str | None = None) -> EnvSettings:
+        shapes = policy.config.input_shapes
+        if "image" in shapes:
+            return cls(task=task, image=True, camera=camera, image_size=int(shapes["image"][-1]))
+        return cls(task=task)
+
+    def env_fn(self, render_size: int | None) -> Callable[[], gym.Env[Any, Any]]:
+        def build() -> gym.Env[Any, Any]:
+            env = make_env(
+                self.task,
+                image=self.image,
+                camera=self.camera,
+                image_size=self.image_size,
+                render_mode="rgb_array" if render_size else None,
+            )
+            return env
+
+        return build
+
+
+def _stack_obs(obs: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
+    return {key: obs[key] for key in keys}
+
+
+def evaluate(
+    policy: Policy,
+    settings: EnvSettings,
+    cfg: EvalConfig,
+    results_path: Path | None = None,
+    video_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Roll out ``cfg.episodes`` episodes per seed; returns the metrics (also written to results_path).
+
+    The first ``cfg.videos`` episodes of the first seed are recorded as mp4 files in ``video_dir``.
+    """
+    spec = get_task(settings.task)
+    max_steps = cfg.max_steps or spec.max_episode_steps
+    n_envs = min(cfg.n_envs, cfg.episodes)
+    record = cfg.videos > 0 and video_dir is not None
+    env_fns = [settings.env_fn(cfg.video_size if (record and i == 0) else None) for i in range(n_envs)]
+    vector_cls = gym.vector.AsyncVectorEnv if n_envs > 1 else gym.vector.SyncVectorEnv
+    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    obs_keys = list(policy.config.input_shapes)
+    per_seed: list[dict[str, Any]] = []
+    latencies: list[float] = []
+    videos: list[str] = []
+    try:
+        bar = tqdm(total=cfg.episodes * len(cfg.seeds), desc=f"eval {settings.task}", disable=not progress)
+        for seed in cfg.seeds:
+            runtime = SCDPolicy(
+                policy,
+                num_envs=n_envs,
+                n_action_steps=cfg.n_action_steps,
+                num_inference_steps=cfg.num_inference_steps,
+                seed=seed,
+            )
+            outcome = _run_seed(
+                envs, runtime, seed, cfg.episodes, max_steps, obs_keys, bar, record, cfg.videos
+            )
+            latencies.extend(runtime.latencies_ms)
+            if record and video_dir is not None:
+                for episode, frames in outcome.pop("frames").items():
+                    videos.append(
+                        _write_video(video_dir / f"seed{seed}_episode{episode}.mp4", frames, spec.fps)
+                    )
+                record = False  # videos of the first seed only
+            else:
+                outcome.pop("frames")
+            per_seed.append({"seed": seed, **outcome})
+        bar.close()
+    finally:
+        envs.close()
+
+    rates = np.array([s["success_rate"] for s in per_seed])
+    lat = np.array(latencies) if latencies else np.array([np.nan])
+    results: dict[str, Any] = {
+        "task": settings.task,
+        "policy": policy.config.type,
+        "episodes_per_seed": cfg.episodes,
+        "seeds": list(cfg.seeds),
+        "success_rate": float(rates.mean()),
+        "success_rate_std": float(rates.std()),
+        "mean_return": float(np.mean([s["mean_return"] for s in per_seed])),
+        "mean_episode_length": float(np.mean([s["mean_episode_length"] for s in per_seed])),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p90": float(np.percentile(lat, 90)),
+        "latency_batch": n_envs,
+        "num_inference_steps": cfg.num_inference_steps or policy.config.diffusion.num_inference_steps,
+        "per_seed": per_seed,
+        "videos": videos,
+    }
+    if results_path is not None:
+        atomic_write_text(results_path, json.dumps(results, indent=2))
+    return results
+
+
+def _run_seed(
+    envs: gym.vector.AsyncVectorEnv | gym.vector.SyncVectorEnv,
+    runtime: SCDPolicy,
+    seed: int,
+    episodes: int,
+    max_steps: int,
+    obs_keys: list[str],
+    bar: tqdm[Any],
+    record: bool,
+    n_videos: int,
+) -> dict[str, Any]:
+    n_envs = envs.num_envs
+    next_episode = 0
+    episode_of = np.full(n_envs, -1)  # which episode each env runs (-1: idle)
+    returns = np.zeros(n_envs)
+    lengths = np.zeros(n_envs, dtype=np.int64)
+    successes: list[bool] = []
+    episode_returns: list[float] = []
+    episode_lengths: list[int] = []
+    frames: dict[int, list[np.ndarray]] = {}
+
+    def start(mask: np.ndarray) -> dict[str, np.ndarray]:
+        nonlocal next_episode
+        seeds: list[int | None] = [None] * n_envs
+        for env_id in np.flatnonzero(mask):
+            if next_episode < episodes:
+                episode_of[env_id] = next_episode
+                seeds[env_id] = seed * EPISODE_SEED_STRIDE + next_episode
+                next_episode += 1
+            else:
+                episode_of[env_id] = -1
+        returns[mask] = 0.0
+        lengths[mask] = 0
+        obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
+        runtime.reset(mask)
+        return obs  # type: ignore[no-any-return]
+
+    obs = start(np.ones(n_envs, dtype=bool))
+    while (episode_of >= 0).any():
+        if record and episode_of[0] >= 0 and episode_of[0] < n_videos:
+            frame = envs.call("render")[0]
+            frames.setdefault(int(episode_of[0]), []).append(frame)
+        actions = runtime.step(_stack_obs(obs, obs_keys))
+        obs, reward, terminated, truncated, info = envs.step(actions)
+        returns += reward
+        lengths += 1
+        # Idle envs (no episode left to give them) keep stepping until all are done; they are reset
+        # when they finish too, since some tasks (Meta-World) refuse steps past their limit.
+        finished = terminated | truncated | (lengths >= max_steps)
+        if finished.any():
+            success = np.asarray(info.get("success", np.zeros(n_envs, dtype=bool)), dtype=bool)
+            for env_id in np.flatnonzero(finished & (episode_of >= 0)):
+                successes.append(bool(success[env_id]))
+                episode_returns.append(float(returns[env_id]))
+                episode_lengths.append(int(lengths[env_id]))
+                bar.update(1)
+            if successes:
+                bar.set_postfix(success=f"{np.mean(successes):.2f}")
+            obs = start(finished)
+    return {
+        "success_rate": float(np.mean(successes)),
+        "mean_return": float(np.mean(episode_returns)),
+        "mean_episode_length": float(np.mean(episode_lengths)),
+        "frames": frames,
+    }
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> str:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.mp4")
+    with imageio.get_writer(tmp, fps=max(1, round(fps)), codec="libx264", macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(frame)  # type: ignore[attr-defined]
+    tmp.replace(path)
+    return str(path)

@@ -1,0 +1,125 @@
+"""Monolithic causal diffusion transformer: the ``causal_diffusion`` baseline (the paper's "Causal DiT").
+
+One stack of AdaLN-Zero blocks (depth encoder_layers + decoder_layers) over two kinds of tokens:
+
+- history step tokens (clean observations + previous action), block-causal across steps with RoPE by
+  step, conditioned on a learned "clean" vector instead of a noise level, so their keys/values never
+  depend on the chunk being denoised and are KV-cached: ``encode(tokens, cache)`` appends steps;
+- noisy chunk tokens of step t, which pass through *all* layers at *every* denoising call and attend to
+  the cached history steps <= t and to each other (``denoise``). They are never cached.
+
+Per control step this costs L layer calls for the new step plus K * L for the chunk, against SCD's
+L_enc + K * L_dec. In training, ``denoise`` runs the chunks of every step of a window (and R noise draws)
+in one call, each attending to its own prefix of the history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.layers import (
+    AdaLNBlock,
+    ChunkEmbedding,
+    FinalLayer,
+    Modulation,
+    TimestepEmbedding,
+    rope_cos_sin,
+)
+
+
+@dataclass(frozen=True)
+class History:
+    """An immutable view of a cache prepared for denoising: keys rotated once, not K times."""
+
+    keys: tuple[Tensor, ...]  # per layer (B, heads, M, head_dim), rotated to step numbers 0..n_steps-1
+    values: tuple[Tensor, ...]
+    key_steps: Tensor  # (M,) step number of each cached token
+    token_valid: Tensor | None  # (B, M) bool, None when all valid
+    n_steps: int
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> History:
+        if cache.n_steps == 0:
+            raise ValueError("the history is empty: encode at least one step before denoising")
+        return cls(
+            keys=tuple(cache.rotated_keys(i) for i in range(cache.n_layers)),
+            values=tuple(cache.values),
+            key_steps=cache.key_steps(),
+            token_valid=cache.token_valid(),
+            n_steps=cache.n_steps,
+        )
+
+
+class CausalDiffusionTransformer(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        mlp_ratio: float,
+        dropout: float,
+        action_dim: int,
+        horizon: int,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
+        self.time_embed = TimestepEmbedding(d_model)
+        self.history_cond = nn.Parameter(torch.randn(d_model) * 0.02)  # "clean" condition of history tokens
+        self.modulation = Modulation(d_model)
+        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.final = FinalLayer(d_model, action_dim)
+
+    def new_cache(self, max_steps: int | None) -> KVCache:
+        return KVCache(len(self.blocks), max_steps)
+
+    def encode(self, tokens: Tensor, cache: KVCache) -> None:
+        """Append T history steps' tokens (B, T, S, D) to the cache, through every layer."""
+        b, t, s, d = tokens.shape
+        mod = self.modulation(self.history_cond).view(1, 1, -1, d)  # (1, 1, 6, D)
+        x = tokens.reshape(b, t * s, d)
+        plan = cache.begin(t, s, b, self.head_dim, x.device)
+        new_keys, new_values = [], []
+        for index, block in enumerate(self.blocks):
+            # The last layer's history outputs feed nothing, but computing them keeps one code path
+            # and costs little next to the K chunk passes.
+            x, k, v = block(x, mod, rope=plan.rope, prefix=cache.prefix(index, plan), mask=plan.mask)
+            new_keys.append(k)
+            new_values.append(v)
+        cache.append(new_keys, new_values, plan)
+
+    def denoise(self, x_t: Tensor, t: Tensor, history: History, step: Tensor) -> Tensor:
+        """Chunks x_t (B, G, H, Da) at noise levels t (B, G); chunk g of stream b belongs to history step
+        ``step[g]`` (G,) and sees that stream's cached steps <= step[g]. Returns (B, G, H, Da)."""
+        b, g, h, _ = x_t.shape
+        cond = self.time_embed(t.reshape(b * g))  # (B*G, D)
+        mod = self.modulation(cond).unsqueeze(1)  # (B*G, 1, 6, D)
+        x = self.chunk_embed(x_t.reshape(b * g, h, -1))  # (B*G, H, D)
+        # Chunk tokens sit at their step's position: relative position 0 to that step's observations.
+        cos, sin = rope_cos_sin(step[:, None].expand(g, h), self.head_dim)  # (G, 1, H, hd)
+        rope = (cos.repeat(b, 1, 1, 1), sin.repeat(b, 1, 1, 1))  # (B*G, 1, H, hd), b-major like x
+        visible = history.key_steps[None, :] <= step[:, None]  # (G, M)
+        hist_mask = visible[None].expand(b, g, -1)  # (B, G, M)
+        if history.token_valid is not None:
+            hist_mask = hist_mask & history.token_valid[:, None, :]
+        mask: Tensor | None = None
+        if not bool(hist_mask.all()):
+            own = torch.ones(b, g, h, dtype=torch.bool, device=x.device)
+            mask = torch.cat([hist_mask, own], dim=2).reshape(b * g, 1, 1, -1)
+        m = history.key_steps.shape[0]
+        for index, block in enumerate(self.blocks):
+            # Every chunk group reads its stream's history keys/values: (B, h, M, hd) -> (B*G, h, M, hd).
+            keys = history.keys[index][:, None].expand(b, g, self.n_heads, m, self.head_dim)
+            values = history.values[index][:, None].expand(b, g, self.n_heads, m, self.head_dim)
+            prefix = (
+                keys.reshape(b * g, self.n_heads, m, self.head_dim),
+                values.reshape(b * g, self.n_heads, m, self.head_dim),
+            )
+            x, _, _ = block(x, mod, rope=rope, prefix=prefix, mask=mask)
+        out: Tensor = self.final(x, cond)
+        return out.view(b, g, h, -1)

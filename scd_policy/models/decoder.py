@@ -1,0 +1,47 @@
+"""Frame-wise diffusion decoder of SCD (DiT style): denoises one step's action chunk given c_t.
+
+The sequence is ``[context tokens ; noisy chunk tokens]`` (token concatenation, the better variant in the
+paper's ablation), bidirectional, with no access to other steps and no KV cache, so its cost per
+denoising call does not depend on the history length. The noise level enters through AdaLN-Zero
+(shared modulation + per-block tables, all zero at init) and the final projection is zero-initialised:
+a fresh decoder outputs exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from scd_policy.models.layers import AdaLNBlock, ChunkEmbedding, FinalLayer, Modulation, TimestepEmbedding
+
+
+class DiffusionDecoder(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        mlp_ratio: float,
+        dropout: float,
+        action_dim: int,
+        horizon: int,
+        n_context_tokens: int,
+    ) -> None:
+        super().__init__()
+        self.n_context_tokens = n_context_tokens
+        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
+        self.context_embed = nn.Parameter(torch.randn(n_context_tokens, d_model) * 0.02)
+        self.time_embed = TimestepEmbedding(d_model)
+        self.modulation = Modulation(d_model)
+        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.final = FinalLayer(d_model, action_dim)
+
+    def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """x_t (N, H, Da), t (N,) in [0, 1], context (N, n_ctx, D) -> prediction (N, H, Da)."""
+        cond = self.time_embed(t)  # (N, D)
+        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D): the same for every token
+        x = torch.cat([context + self.context_embed, self.chunk_embed(x_t)], dim=1)  # (N, n_ctx + H, D)
+        for block in self.blocks:
+            x, _, _ = block(x, mod)
+        out: Tensor = self.final(x[:, self.n_context_tokens :], cond)
+        return out

@@ -1,0 +1,22 @@
+"""Policies: SCD and the two baselines behind one protocol (``Policy``), plus build/load helpers."""
+
+from scd_policy.policies.base import CheckpointError, Policy
+from scd_policy.policies.causal import CausalPolicy, StepContext
+from scd_policy.policies.causal_diffusion import CausalDiffusionPolicy
+from scd_policy.policies.diffusion_policy import DiffusionPolicy
+from scd_policy.policies.factory import POLICY_CLASSES, load_policy, make_policy, policy_class
+from scd_policy.policies.scd import SeparableCausalDiffusionPolicy
+
+__all__ = [
+    "POLICY_CLASSES",
+    "CausalDiffusionPolicy",
+    "CausalPolicy",
+    "CheckpointError",
+    "DiffusionPolicy",
+    "Policy",
+    "SeparableCausalDiffusionPolicy",
+    "StepContext",
+    "load_policy",
+    "make_policy",
+    "policy_class",
+]

@@ -1,0 +1,248 @@
+"""The one policy protocol shared by ``scd``, ``causal_diffusion`` and ``diffusion_policy``.
+
+A policy is an ``nn.Module`` holding its ``PolicyConfig`` and its fitted ``Normalizer`` (a submodule, so
+the statistics travel in the state_dict). Everything a trainer, an evaluator or a runtime needs:
+
+- ``compute_loss(batch) -> (loss, metrics)``: raw-unit batch from ``WindowedDataset``; never mutated.
+- ``param_groups(lr, weight_decay)``: AdamW groups; no decay on gains, biases and embeddings; the SCD
+  decoder's groups get ``lr * config.decoder_lr_scale``.
+- ``predict_chunk(history) -> (B, H, Da)``: stateless inference in raw units.
+- ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json`` (resolved
+  config, normaliser layout, policy type, format version); no pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from scd_policy.config import ConfigError, PolicyConfig, policy_config_from_dict
+from scd_policy.data.normalizer import Normalizer
+from scd_policy.io import atomic_write_bytes, atomic_write_text
+
+FORMAT_NAME = "scd-policy"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ACTION_KEY = "action"
+
+
+class CheckpointError(RuntimeError):
+    """A policy folder is missing, incomplete, corrupt, of another policy type or format version."""
+
+
+class Policy(nn.Module, ABC):
+    """Base of every policy; subclasses set ``policy_type`` and implement the abstract methods."""
+
+    policy_type: ClassVar[str]
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__()
+        if config.type != self.policy_type:
+            raise ConfigError(
+                f"{type(self).__name__} is the {self.policy_type!r} policy; config.type is {config.type!r}"
+            )
+        if config.action_dim < 1:
+            raise ConfigError(
+                "policy.action_dim is not set; fill it from the dataset before building a policy"
+            )
+        if not config.input_shapes:
+            raise ConfigError(
+                "policy.input_shapes is empty; fill it from the dataset before building a policy"
+            )
+        expected = {key: tuple(shape) for key, shape in config.input_shapes.items()}
+        expected[ACTION_KEY] = (config.action_dim,)
+        for key, shape in expected.items():
+            have = normalizer.shapes.get(key)
+            if have is None:
+                raise ConfigError(f"the normaliser has no key {key!r}; it knows {sorted(normalizer.shapes)}")
+            if tuple(have) != shape:
+                raise ConfigError(
+                    f"normaliser shape of {key!r} is {list(have)}; the config says {list(shape)}"
+                )
+        self.config = config
+        self.normalizer = normalizer
+        self.obs_keys: list[str] = sorted(config.input_shapes)
+
+    # ------------------------------------------------------------------ the protocol
+
+    @abstractmethod
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Training loss on a raw-unit batch (see the subclass for its layout); ``batch`` is not mutated."""
+
+    @abstractmethod
+    def predict_chunk(
+        self,
+        history: Mapping[str, Tensor],
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """The action chunk (B, H, Da) in raw units for the last step of ``history``; stateless."""
+
+    def decoder_parameter_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes trained at ``lr * decoder_lr_scale`` (none for monolithic models)."""
+        return ()
+
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW parameter groups: weight decay only on linear/conv weight matrices (not on norms'
+        gains, biases, embeddings, query slots or modulation tables); decoder groups at a scaled lr."""
+        decayed = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+        prefixes = self.decoder_parameter_prefixes()
+        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = (bool(prefixes) and name.startswith(prefixes), id(param) in decayed)
+            buckets.setdefault(key, []).append(param)
+        groups = []
+        for (is_decoder, decay), params in sorted(buckets.items()):
+            groups.append(
+                {
+                    "name": f"{'decoder' if is_decoder else 'encoder'}_{'decay' if decay else 'no_decay'}",
+                    "params": params,
+                    "lr": lr * self.config.decoder_lr_scale if is_decoder else lr,
+                    "weight_decay": weight_decay if decay else 0.0,
+                }
+            )
+        return groups
+
+    # ------------------------------------------------------------------ shared input handling
+
+    def normalize_obs(self, obs: Mapping[str, Tensor], lead: Sequence[int], where: str) -> dict[str, Tensor]:
+        """Check every observation key has shape (*lead, *shape) and normalise it (new tensors)."""
+        out = {}
+        for key in self.obs_keys:
+            if key not in obs:
+                raise KeyError(f"{where}: observation key {key!r} is missing; got keys {sorted(obs)}")
+            expected = (*lead, *self.config.input_shapes[key])
+            if tuple(obs[key].shape) != tuple(expected):
+                raise ValueError(f"{where}: {key!r} has shape {tuple(obs[key].shape)}; expected {expected}")
+            out[key] = self.normalizer.normalize(key, obs[key].to(self._dtype()))
+        return out
+
+    def check_tensor(self, batch: Mapping[str, Tensor], key: str, shape: Sequence[int], where: str) -> Tensor:
+        if key not in batch:
+            raise KeyError(f"{where}: key {key!r} is missing; got keys {sorted(batch)}")
+        value = batch[key]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)}; expected {tuple(shape)}")
+        return value
+
+    def history_noise(self, x: Tensor) -> Tensor:
+        """Training-time Gaussian noise on normalised history inputs (``config.history_noise``)."""
+        if not self.training or self.config.history_noise <= 0:
+            return x
+        return x + self.config.history_noise * torch.randn_like(x)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``model.safetensors`` then ``config.json`` (each atomically) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        atomic_write_bytes(directory / WEIGHTS_FILE, safetensors.torch.save(tensors))
+        record = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "policy_type": self.policy_type,
+            "config": dataclasses.asdict(self.config),
+            "normalizer": {
+                "shapes": {key: list(shape) for key, shape in self.normalizer.shapes.items()},
+                "modes": dict(self.normalizer.modes),
+            },
+        }
+        # config.json last: a folder with a readable config.json holds complete weights.
+        atomic_write_text(directory / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Policy:
+        """Load a folder written by ``save_pretrained``; returns the policy in eval mode on ``device``.
+
+        Called on ``Policy`` itself it builds whatever type the folder holds; called on a subclass it
+        refuses a folder of another type.
+        """
+        from scd_policy.policies.factory import policy_class
+
+        directory = Path(directory)
+        record = read_policy_record(directory)
+        stored_type = record["policy_type"]
+        if cls is not Policy and stored_type != cls.policy_type:
+            raise CheckpointError(
+                f"{directory} holds a {stored_type!r} policy; {cls.__name__}.from_pretrained loads only "
+                f"{cls.policy_type!r} (use scd_policy.policies.load_policy to load any type)"
+            )
+        try:
+            config = policy_config_from_dict(record["config"])
+            normalizer = Normalizer(record["normalizer"]["shapes"], record["normalizer"]["modes"])
+        except (ConfigError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{directory / CONFIG_FILE} has an invalid config: {error}") from error
+        if config.type != stored_type:
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE}: policy_type {stored_type!r} but config.type {config.type!r}"
+            )
+        policy = policy_class(stored_type)(config, normalizer)
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise CheckpointError(f"{weights_path} is missing; the policy folder is incomplete")
+        try:
+            tensors = safetensors.torch.load_file(str(weights_path), device="cpu")
+        except Exception as error:  # safetensors raises several types for a damaged file
+            raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {error}") from error
+        try:
+            policy.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{weights_path} does not match the {stored_type!r} policy: {error}"
+            ) from error
+        return policy.to(device).eval()
+
+
+def read_policy_record(directory: Path) -> dict[str, Any]:
+    """Read and check ``config.json`` of a policy folder (format, version, type present)."""
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a policy folder (no such directory)")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; expected a folder written by Policy.save_pretrained")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{path} is not an {FORMAT_NAME} policy config (missing format={FORMAT_NAME!r})"
+        )
+    version = record.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version!r}; this scd-policy reads version {FORMAT_VERSION}"
+        )
+    for key in ("policy_type", "config", "normalizer"):
+        if key not in record:
+            raise CheckpointError(f"{path} lacks the {key!r} entry")
+    return record
+
+
+def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean squared error over the elements where ``mask`` (prediction.shape[:-1]) is True."""
+    weight = mask.to(prediction.dtype).unsqueeze(-1)
+    total = ((prediction - target) ** 2 * weight).sum()
+    count = weight.sum() * prediction.shape[-1]
+    return total / count.clamp(min=1.0)

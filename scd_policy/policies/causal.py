@@ -1,0 +1,231 @@
+"""Shared machinery of the causal policies (``scd`` and ``causal_diffusion``).
+
+Streaming interface (what a runtime uses; the policy itself holds no episode state):
+
+- ``init_cache() -> KVCache``: an empty cache for B streams that keeps ``config.context_window`` steps
+  (older steps are evicted; the sliding window is exact, see ``scd_policy.models.kv_cache``).
+  ``cache.reset(streams)`` restarts chosen streams; ``cache.reset()`` all of them.
+- ``encode_step(obs, prev_action, cache, prev_action_valid=None) -> context``: one incremental encoder
+  call on the new step only: obs[key] (B, *shape) and the action executed at the previous step
+  (B, Da) in raw units (``None`` or ``prev_action_valid`` False = episode start). Appends the step to
+  ``cache`` and returns the context of that step (an immutable value; later calls do not change it).
+- ``sample_chunk(context, *, num_inference_steps, generator, noise) -> (B, H, Da)``: K denoiser calls.
+- ``encode_steps(obs, prev_action, prev_action_valid, cache)``: the same for T steps at once (priming a
+  cache from a recorded history); returns the context of the last step.
+
+``predict_chunk(history)`` is ``encode_steps`` on a fresh cache followed by ``sample_chunk``, and equals
+calling ``encode_step`` once per step of the history and then ``sample_chunk`` (tested), also when the
+history is longer than the window (sliding-window semantics, see ``scd_policy.models.kv_cache``).
+
+Training batch (raw units, from ``WindowedDataset`` with this config's offsets): obs[key] (B, W, *shape),
+``obs_is_pad`` (B, W), ``action`` (B, W + H, Da) at offsets -1 .. W + H - 2 from the window's first step
+(index 0 = the previous action of step 0; the chunk of step i is ``action[:, i + 1 : i + 1 + H]``),
+``action_is_pad`` (B, W + H) (index 0 True at an episode start).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from scd_policy import diffusion
+from scd_policy.config import PolicyConfig
+from scd_policy.data.normalizer import Normalizer
+from scd_policy.models.causal_dit import History
+from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.tokenizer import StepTokenizer
+from scd_policy.policies.base import ACTION_KEY, Policy
+
+# What ``encode_step`` hands to ``sample_chunk``: SCD's context tokens c_t (B, n_ctx, D), or the
+# monolithic baseline's prepared history keys/values.
+StepContext = Tensor | History
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """A causal training window after normalisation: what both causal policies' losses start from."""
+
+    tokens: Tensor  # (B, W, S, D) step tokens (history noise already applied)
+    chunks: Tensor  # (B, W, H, Da) normalised target chunks, one per step
+    mask: Tensor  # (B, W, H) bool: chunk element counts in the loss
+
+
+class CausalPolicy(Policy):
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__(config, normalizer)
+        self.tokenizer = StepTokenizer(
+            config.input_shapes,
+            config.action_dim,
+            config.d_model,
+            config.image_tokens,
+            config.image_channels,
+            use_prev_action=True,
+        )
+
+    # ------------------------------------------------------------------ network hooks
+
+    @abstractmethod
+    def new_cache(self, max_steps: int | None) -> KVCache:
+        """An empty cache shaped for this policy's causal stack."""
+
+    @abstractmethod
+    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> StepContext:
+        """Append step tokens (B, T, S, D) to the cache; return the context of the last new step."""
+
+    @abstractmethod
+    def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
+        """One denoiser call: x_t (B, H, Da) normalised, t (B,) network time -> prediction (B, H, Da)."""
+
+    # ------------------------------------------------------------------ streaming interface
+
+    def init_cache(self) -> KVCache:
+        return self.new_cache(self.config.context_window)
+
+    def tokenize(self, obs: Mapping[str, Tensor], prev_action: Tensor, prev_action_valid: Tensor) -> Tensor:
+        """Raw obs (B, T, *shape), raw previous actions (B, T, Da), validity (B, T) -> tokens (B, T, S, D)."""
+        b, t = prev_action_valid.shape
+        obs_norm = self.normalize_obs(obs, (b, t), "encode")
+        if tuple(prev_action.shape) != (b, t, self.config.action_dim):
+            raise ValueError(
+                f"prev_action has shape {tuple(prev_action.shape)}; expected {(b, t, self.config.action_dim)}"
+            )
+        prev_norm = self.normalizer.normalize(ACTION_KEY, prev_action.to(self._dtype()))
+        tokens: Tensor = self.tokenizer(obs_norm, prev_norm, prev_action_valid.to(torch.bool))
+        return tokens
+
+    def encode_steps(
+        self,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_action_valid: Tensor,
+        cache: KVCache,
+    ) -> StepContext:
+        """Append T steps (obs (B, T, *shape), prev_action (B, T, Da) raw, validity (B, T)) to ``cache``;
+        return the context of the last one."""
+        return self.encode_tokens(self.tokenize(obs, prev_action, prev_action_valid), cache)
+
+    def encode_step(
+        self,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor | None,
+        cache: KVCache,
+        prev_action_valid: Tensor | None = None,
+    ) -> StepContext:
+        """One control step for B streams: obs[key] (B, *shape), prev_action (B, Da) raw or None."""
+        first = obs.get(self.obs_keys[0])
+        if first is None:
+            raise KeyError(f"encode_step: observation key {self.obs_keys[0]!r} is missing; got {sorted(obs)}")
+        b = first.shape[0]
+        device = self._device()
+        if prev_action is None:
+            prev_action = torch.zeros(b, self.config.action_dim, device=device)
+            prev_action_valid = torch.zeros(b, dtype=torch.bool, device=device)
+        elif prev_action_valid is None:
+            prev_action_valid = torch.ones(b, dtype=torch.bool, device=device)
+        return self.encode_steps(
+            {key: value.unsqueeze(1) for key, value in obs.items() if key in self.config.input_shapes},
+            prev_action.unsqueeze(1),
+            prev_action_valid.unsqueeze(1),
+            cache,
+        )
+
+    def sample_chunk(
+        self,
+        context: StepContext,
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """K denoiser calls from noise to the chunk of the context's step; (B, H, Da) in raw units."""
+        batch = context.shape[0] if isinstance(context, Tensor) else context.keys[0].shape[0]
+        shape = (batch, self.config.horizon, self.config.action_dim)
+        x0 = diffusion.sample(
+            lambda x, t: self.denoise(context, x, t),
+            shape,
+            self.config.diffusion,
+            num_steps=num_inference_steps,
+            generator=generator,
+            noise=noise,
+            device=self._device(),
+            dtype=self._dtype(),
+        )
+        return self.normalizer.unnormalize(ACTION_KEY, x0)
+
+    @torch.no_grad()
+    def predict_chunk(
+        self,
+        history: Mapping[str, Tensor],
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """history: obs[key] (B, T, *shape) for steps 1..T, ``"action"`` (B, T-1, Da) executed at steps
+        1..T-1 (may be absent when T = 1), optional ``"prev_action"`` (B, Da) executed before step 1
+        (otherwise step 1 is an episode start).
+
+        Histories longer than ``context_window`` are encoded with the same sliding window a streaming
+        runtime uses (each step attends to the last ``context_window`` steps), so this equals
+        ``encode_step`` called once per step followed by ``sample_chunk``. To condition on the last N
+        steps only, pass only those (with ``prev_action``)."""
+        first = self.obs_keys[0]
+        if first not in history:
+            raise KeyError(f"predict_chunk: observation key {first!r} is missing; got keys {sorted(history)}")
+        b, t = history[first].shape[:2]
+        device, dtype, da = self._device(), self._dtype(), self.config.action_dim
+        actions = history.get(ACTION_KEY)
+        if actions is None:
+            if t > 1:
+                raise KeyError(f"predict_chunk: 'action' (B, T-1, Da) = {(b, t - 1, da)} is missing")
+            actions = torch.zeros(b, 0, da, device=device, dtype=dtype)
+        self.check_tensor({ACTION_KEY: actions}, ACTION_KEY, (b, t - 1, da), "predict_chunk")
+        first_prev = history.get("prev_action")
+        if first_prev is not None:
+            self.check_tensor(history, "prev_action", (b, da), "predict_chunk")
+        # Previous action of every step: step 1 gets prev_action (or none), step s > 1 gets action s-1.
+        lead = first_prev if first_prev is not None else torch.zeros(b, da, device=device, dtype=dtype)
+        prev = torch.cat([lead.to(device, dtype)[:, None], actions.to(device, dtype)], dim=1)  # (B, T, Da)
+        valid = torch.ones(b, t, dtype=torch.bool, device=device)
+        valid[:, 0] = first_prev is not None
+        # The whole history goes through a cache of context_window steps, in blocks of that size (bounded
+        # memory): exactly what a streaming runtime computes step by step (see models/kv_cache.py).
+        cache = self.init_cache()
+        block = self.config.context_window
+        context: StepContext | None = None
+        for start in range(0, t, block):
+            stop = min(start + block, t)
+            obs = {key: history[key][:, start:stop].to(device) for key in self.obs_keys if key in history}
+            context = self.encode_steps(obs, prev[:, start:stop], valid[:, start:stop], cache)
+        assert context is not None  # t >= 1
+        return self.sample_chunk(
+            context, num_inference_steps=num_inference_steps, generator=generator, noise=noise
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def training_inputs(self, batch: Mapping[str, Tensor]) -> TrainingInputs:
+        """Check and normalise a training window (see the module docstring); ``batch`` is left untouched."""
+        first = self.obs_keys[0]
+        if first not in batch:
+            raise KeyError(f"compute_loss: observation key {first!r} is missing; got keys {sorted(batch)}")
+        b, w = batch[first].shape[:2]
+        h, da = self.config.horizon, self.config.action_dim
+        obs_is_pad = self.check_tensor(batch, "obs_is_pad", (b, w), "compute_loss").to(torch.bool)
+        action = self.check_tensor(batch, ACTION_KEY, (b, w + h, da), "compute_loss")
+        action_is_pad = self.check_tensor(batch, "action_is_pad", (b, w + h), "compute_loss").to(torch.bool)
+        obs = {
+            key: self.history_noise(x) for key, x in self.normalize_obs(batch, (b, w), "compute_loss").items()
+        }
+        action_norm = self.normalizer.normalize(ACTION_KEY, action.to(self._dtype()))  # (B, W+H, Da)
+        prev_valid = ~action_is_pad[:, :w]  # padded previous action: episode start -> "no previous action"
+        tokens = self.tokenizer(obs, self.history_noise(action_norm[:, :w]), prev_valid)
+        # Chunk of step i = actions i+1 .. i+H: sliding windows over offsets 0 .. W+H-2.
+        chunks = action_norm[:, 1:].unfold(1, h, 1).transpose(-1, -2)  # (B, W, H, Da)
+        chunk_pad = action_is_pad[:, 1:].unfold(1, h, 1)  # (B, W, H)
+        mask = ~chunk_pad & ~obs_is_pad[:, :, None]
+        return TrainingInputs(tokens=tokens, chunks=chunks, mask=mask)

@@ -1,0 +1,118 @@
+"""Windowed Diffusion Policy baseline (Chi et al. 2023 style, transformer denoiser).
+
+The last ``n_obs_steps`` observations are tokenised (same step tokeniser as the causal policies, without
+the previous-action token) once per chunk, and a non-causal AdaLN-Zero transformer of depth
+``encoder_layers + decoder_layers`` over ``[observation tokens ; noisy chunk]`` is re-run at every
+denoising call. The chunk starts ``n_obs_steps - 1`` steps in the past (``config.chunk_start_offset``).
+
+Training batch (raw units): obs[key] (B, n_obs, *shape), ``obs_is_pad`` (B, n_obs) (edge-padded copies
+of the first observation at an episode start, used as they are, as in Diffusion Policy), ``action``
+(B, H, Da), ``action_is_pad`` (B, H) masking the loss. R = ``decoder_repeats`` noise draws per sample,
+as for the causal policies, so every policy sees the same number of noise draws per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from scd_policy import diffusion
+from scd_policy.config import PolicyConfig
+from scd_policy.data.normalizer import Normalizer
+from scd_policy.models.tokenizer import StepTokenizer
+from scd_policy.models.windowed_dit import WindowedDiffusionTransformer
+from scd_policy.policies.base import ACTION_KEY, Policy, masked_mse
+
+
+class DiffusionPolicy(Policy):
+    policy_type = "diffusion_policy"
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__(config, normalizer)
+        self.tokenizer = StepTokenizer(
+            config.input_shapes,
+            config.action_dim,
+            config.d_model,
+            config.image_tokens,
+            config.image_channels,
+            use_prev_action=False,
+        )
+        self.model = WindowedDiffusionTransformer(
+            config.d_model,
+            config.n_heads,
+            config.encoder_layers + config.decoder_layers,
+            config.mlp_ratio,
+            config.dropout,
+            config.action_dim,
+            config.horizon,
+        )
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        first = self.obs_keys[0]
+        if first not in batch:
+            raise KeyError(f"compute_loss: observation key {first!r} is missing; got keys {sorted(batch)}")
+        b, n_obs = batch[first].shape[:2]
+        if n_obs != self.config.n_obs_steps:
+            raise ValueError(
+                f"compute_loss: {first!r} holds {n_obs} steps; expected n_obs_steps={self.config.n_obs_steps}"
+            )
+        h, da, r = self.config.horizon, self.config.action_dim, self.config.decoder_repeats
+        action = self.check_tensor(batch, ACTION_KEY, (b, h, da), "compute_loss")
+        action_is_pad = self.check_tensor(batch, "action_is_pad", (b, h), "compute_loss").to(torch.bool)
+        obs = {
+            key: self.history_noise(x)
+            for key, x in self.normalize_obs(batch, (b, n_obs), "compute_loss").items()
+        }
+        tokens = self.tokenizer(obs)  # (B, n_obs, S, D): once per sample, shared by the R draws
+        tokens = tokens.repeat(r, 1, 1, 1)  # (R*B, n_obs, S, D)
+        x0 = self.normalizer.normalize(ACTION_KEY, action.to(self._dtype())).repeat(r, 1, 1)  # (R*B, H, Da)
+        mask = (~action_is_pad).repeat(r, 1)
+        noise = torch.randn_like(x0)
+        t = diffusion.sample_train_times(r * b, self.config.diffusion, device=x0.device)
+        x_t = diffusion.add_noise(x0, noise, t, self.config.diffusion)
+        prediction = self.model(x_t, t, tokens)
+        loss = masked_mse(prediction, diffusion.training_target(x0, noise, self.config.diffusion), mask)
+        return loss, {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def predict_chunk(
+        self,
+        history: Mapping[str, Tensor],
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """history: obs[key] (B, T, *shape), the last T observations (T >= 1). The last ``n_obs_steps``
+        are used; fewer are edge-padded at the front with the oldest one, as the dataset pads an episode
+        start. Returns the chunk (B, H, Da) in raw units, starting ``n_obs_steps - 1`` steps back."""
+        first = self.obs_keys[0]
+        if first not in history:
+            raise KeyError(f"predict_chunk: observation key {first!r} is missing; got keys {sorted(history)}")
+        b, t = history[first].shape[:2]
+        n_obs = self.config.n_obs_steps
+        device = self._device()
+        obs = {}
+        for key in self.obs_keys:
+            if key not in history:
+                raise KeyError(
+                    f"predict_chunk: observation key {key!r} is missing; got keys {sorted(history)}"
+                )
+            x = history[key][:, max(t - n_obs, 0) :].to(device)
+            if t < n_obs:
+                x = torch.cat([x[:, :1].expand(b, n_obs - t, *x.shape[2:]), x], dim=1)
+            obs[key] = x
+        tokens = self.tokenizer(self.normalize_obs(obs, (b, n_obs), "predict_chunk"))  # once per chunk
+        x0 = diffusion.sample(
+            lambda x, tt: self.model(x, tt, tokens),
+            (b, self.config.horizon, self.config.action_dim),
+            self.config.diffusion,
+            num_steps=num_inference_steps,
+            generator=generator,
+            noise=noise,
+            device=device,
+            dtype=self._dtype(),
+        )
+        return self.normalizer.unnormalize(ACTION_KEY, x0)

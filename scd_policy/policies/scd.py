@@ -1,0 +1,95 @@
+"""Separable Causal Diffusion policy: a causal encoder run once per step, a small decoder run K times.
+
+- ``encoder`` (``CausalEncoder``, ``encoder_layers`` deep): block-causal over the steps' tokens, KV-cached;
+  emits ``c_t`` (``n_context_tokens`` tokens) for every step.
+- ``decoder`` (``DiffusionDecoder``, ``decoder_layers`` deep): AdaLN-Zero DiT over ``[c_t ; noisy chunk]``,
+  no history access; K calls per replan.
+
+Training (``compute_loss``): the encoder runs once over the whole window (teacher forcing) and gives c_t
+for every step; the decoder then denoises every step's chunk independently with R =
+``decoder_repeats`` noise draws per encoder pass, on ``c_t + context_noise * N(0, I)`` (in train mode
+only, like ``history_noise`` on the normalised inputs). Loss: MSE to the flow velocity (or DDPM noise),
+masked by ``action_is_pad`` per chunk element and by ``obs_is_pad`` per step. The decoder's parameters
+form their own AdamW groups at ``lr * decoder_lr_scale``.
+
+Streaming (see ``scd_policy.policies.causal``): ``encode_step`` = one encoder call (L_enc layers) on the
+new step; ``sample_chunk`` = K decoder calls (K * L_dec layers), independent of the history length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from scd_policy import diffusion
+from scd_policy.config import PolicyConfig
+from scd_policy.data.normalizer import Normalizer
+from scd_policy.models.decoder import DiffusionDecoder
+from scd_policy.models.encoder import CausalEncoder
+from scd_policy.models.kv_cache import KVCache
+from scd_policy.policies.base import masked_mse
+from scd_policy.policies.causal import CausalPolicy, StepContext
+
+
+class SeparableCausalDiffusionPolicy(CausalPolicy):
+    policy_type = "scd"
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__(config, normalizer)
+        self.encoder = CausalEncoder(
+            config.d_model,
+            config.n_heads,
+            config.encoder_layers,
+            config.mlp_ratio,
+            config.dropout,
+            config.n_context_tokens,
+        )
+        self.decoder = DiffusionDecoder(
+            config.d_model,
+            config.n_heads,
+            config.decoder_layers,
+            config.mlp_ratio,
+            config.dropout,
+            config.action_dim,
+            config.horizon,
+            config.n_context_tokens,
+        )
+
+    def decoder_parameter_prefixes(self) -> tuple[str, ...]:
+        return ("decoder.",)
+
+    def new_cache(self, max_steps: int | None) -> KVCache:
+        return self.encoder.new_cache(max_steps)
+
+    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> StepContext:
+        context: Tensor = self.encoder(tokens, cache)  # (B, T, n_ctx, D)
+        return context[:, -1]
+
+    def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
+        if not isinstance(context, Tensor):
+            raise TypeError(
+                "the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()"
+            )
+        out: Tensor = self.decoder(x_t, t, context)
+        return out
+
+    def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        inputs = self.training_inputs(batch)
+        b, w, h, da = inputs.chunks.shape
+        r = self.config.decoder_repeats
+        context: Tensor = self.encoder(inputs.tokens)  # (B, W, n_ctx, D): one pass for every step
+        n_ctx, d = context.shape[-2:]
+        # R noise draws per encoder pass: every (repeat, step) pair is an independent decoder sample.
+        context = context.unsqueeze(1).expand(b, r, w, n_ctx, d).reshape(b * r * w, n_ctx, d)
+        if self.training and self.config.context_noise > 0:  # validation loss sees the clean context
+            context = context + self.config.context_noise * torch.randn_like(context)
+        x0 = inputs.chunks.unsqueeze(1).expand(b, r, w, h, da).reshape(b * r * w, h, da)
+        mask = inputs.mask.unsqueeze(1).expand(b, r, w, h).reshape(b * r * w, h)
+        noise = torch.randn_like(x0)
+        t = diffusion.sample_train_times(b * r * w, self.config.diffusion, device=x0.device)
+        x_t = diffusion.add_noise(x0, noise, t, self.config.diffusion)
+        prediction = self.decoder(x_t, t, context)  # (B*R*W, H, Da)
+        loss = masked_mse(prediction, diffusion.training_target(x0, noise, self.config.diffusion), mask)
+        return loss, {"loss": float(loss.detach()), "valid_fraction": float(inputs.mask.float().mean())}

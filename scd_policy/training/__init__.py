@@ -1,0 +1,1 @@
+"""Training: the optimisation loop, EMA, learning-rate schedule, checkpoints and DDP plumbing."""
