@@ -208,6 +208,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     num_workers: int = 0
+    num_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default)
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available else cpu
     amp: bool = True  # mixed precision on CUDA only
@@ -226,6 +227,7 @@ class TrainConfig:
         _require(self.grad_clip > 0, "train.grad_clip must be > 0")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
         _require(self.num_workers >= 0 and self.eval_every >= 0, "train.num_workers/eval_every must be >= 0")
+        _require(self.num_threads is None or self.num_threads >= 1, "train.num_threads must be >= 1 or null")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"train.device={self.device!r}; expected 'auto', 'cpu' or 'cuda[:N]'",

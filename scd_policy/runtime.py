@@ -97,6 +97,7 @@ class SCDPolicy:
 
     # ------------------------------------------------------------------ state
 
+    @torch.inference_mode()  # the state tensors are inference tensors: create and update them in this mode
     def reset(self, mask: Sequence[bool] | np.ndarray | None = None) -> None:
         """Forget the episode of every stream (``mask`` None) or of the streams where ``mask`` is True."""
         n, h, da = self.num_envs, self.config.horizon, self._action_dim

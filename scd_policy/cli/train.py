@@ -36,6 +36,16 @@ def rollout_during_training(cfg: ExperimentConfig, run_dir: Path) -> RolloutFn |
     return run
 
 
+def compose_experiment(overrides: list[str]) -> ExperimentConfig:
+    """The ExperimentConfig ``scd-train <overrides>`` would run (for scripts, tests and the demo)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    return to_object(cfg, ExperimentConfig)
+
+
 def run_training(cfg: ExperimentConfig) -> Path:
     """Train as configured; fills the camera from the dataset card when the policy reads images."""
     if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys):

@@ -137,9 +137,13 @@ def _contiguous_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    fix = "resume with the same policy config, or start a new run folder (out=...)"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"{source} does not match this run's policy ({error}); {fix}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{source} does not match this run's policy (missing keys: {missing[:5]}, unexpected: "
-            f"{unexpected[:5]}); resume with the same policy config or start a new run folder"
+            f"{unexpected[:5]}); {fix}"
         )

@@ -87,6 +87,9 @@ def _make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         drop_last=sampler is None,
+        # The loader draws worker seeds from this generator, not from the global RNG, whose state is
+        # checkpointed: a resumed run then continues the exact random stream of the interrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -128,6 +131,8 @@ def _train(
     rollout_fn: RolloutFn | None,
 ) -> Path:
     tcfg = cfg.train
+    if tcfg.num_threads is not None:
+        torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed + dist_info.rank)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -144,9 +149,12 @@ def _train(
     n_params = sum(p.numel() for p in policy.parameters())
     if dist_info.is_main:
         log.info(
-            "policy %s: %.2fM parameters; data %s: %d train / %d val episodes, %d / %d samples",
+            "policy %s: %.2fM parameters; world size %d on %s; data %s: %d train / %d val episodes, "
+            "%d / %d samples",
             policy_cfg.type,
             n_params / 1e6,
+            dist_info.world_size,
+            device,
             cfg.data.path,
             len(train_set.episode_ids),
             len(val_set.episode_ids),
