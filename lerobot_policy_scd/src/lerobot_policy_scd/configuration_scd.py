@@ -1,0 +1,187 @@
+"""``SCDConfig``: scd-policy's PolicyConfig as a LeRobot policy config (``--policy.type=scd``).
+
+The fields mirror ``scd_policy.config.PolicyConfig`` (same names, same defaults, same validation: a
+value PolicyConfig rejects is rejected here when the config is built) plus the optimiser preset that
+LeRobot's trainer reads. ``architecture`` picks the network: ``scd`` (default) or one of the two
+baselines, ``causal_diffusion`` and ``diffusion_policy``. Input shapes and the action size are not
+fields: they come from the dataset's features, as for every LeRobot policy.
+
+Time offsets are PolicyConfig's, so one source of truth decides what LeRobot's dataset loads
+(``observation_delta_indices`` / ``action_delta_indices``) and what our own trainer loads.
+"""
+
+# No `from __future__ import annotations`: draccus reads these annotations at run time.
+from dataclasses import dataclass, field
+
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.configs.types import FeatureType
+from lerobot.optim.optimizers import AdamWConfig
+from lerobot.optim.schedulers import DiffuserSchedulerConfig
+from lerobot.utils.constants import ACTION, OBS_STATE
+
+from scd_policy.config import ConfigError, DiffusionConfig, PolicyConfig
+
+OBSERVATION_TYPES = (FeatureType.STATE, FeatureType.ENV, FeatureType.VISUAL)
+NORMALIZATION_MODES = ("min_max", "mean_std")
+CAMERA_PREFIX = "observation.images."
+
+
+def camera_name(key: str) -> str:
+    """``observation.images.top`` -> ``top``; ``observation.image`` -> ``image``."""
+    return key.removeprefix(CAMERA_PREFIX).removeprefix("observation.")
+
+
+def policy_key_map(config: "SCDConfig") -> dict[str, str]:
+    """LeRobot feature key -> scd-policy observation key, the names ``scd-convert`` gives them too.
+
+    ``observation.state`` -> ``state``, ``observation.environment_state`` -> ``env_state``, any other
+    observation vector -> its name without ``observation.``; one camera -> ``image``, several ->
+    ``image_<camera>``. A policy trained here therefore runs on our environments' observations.
+    """
+    inputs = config.input_features or {}
+    keys: dict[str, str] = {}
+    for key, ft in sorted(inputs.items()):
+        if ft.type is FeatureType.ENV:
+            keys[key] = "env_state"
+        elif ft.type is FeatureType.STATE:
+            keys[key] = "state" if key == OBS_STATE else key.removeprefix("observation.").replace(".", "_")
+    visual = sorted(key for key, ft in inputs.items() if ft.type is FeatureType.VISUAL)
+    if config.cameras is not None:
+        wanted = set(config.cameras)
+        unknown = sorted(wanted - set(visual) - {camera_name(key) for key in visual})
+        if unknown:
+            raise ValueError(
+                f"policy.cameras names {unknown}, which the dataset lacks; its cameras: {visual}"
+            )
+        visual = [key for key in visual if key in wanted or camera_name(key) in wanted]
+    for key in visual:
+        keys[key] = "image" if len(visual) == 1 else f"image_{camera_name(key)}"
+    return keys
+
+
+@PreTrainedConfig.register_subclass("scd")
+@dataclass
+class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no type information
+    architecture: str = "scd"  # "scd", "causal_diffusion" or "diffusion_policy"
+
+    # Time layout (see PolicyConfig): chunk length, open-loop steps, windows.
+    horizon: int = 16
+    n_action_steps: int = 8
+    n_obs_steps: int = 2  # diffusion_policy only; the causal architectures read their whole history
+    train_window: int = 16
+    context_window: int = 64
+
+    # Network (PolicyConfig's defaults).
+    d_model: int = 256
+    n_heads: int = 4
+    encoder_layers: int = 6
+    decoder_layers: int = 2
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    n_context_tokens: int = 4
+    image_tokens: int = 4
+    image_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+
+    # SCD training recipe.
+    decoder_repeats: int = 2
+    context_noise: float = 0.05
+    history_noise: float = 0.0
+    decoder_lr_scale: float = 2.0
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    # Inputs: which cameras to use (None: every camera of the dataset), how vectors are normalised
+    # (statistics from the LeRobot dataset, stored inside the policy's weights).
+    cameras: list[str] | None = None
+    normalization: str = "min_max"
+
+    # Run time: replan at every control step with temporal ensembling (cheap for SCD).
+    replan_every_step: bool = False
+
+    # Optimiser preset (LeRobot's trainer reads these through get_optimizer_preset).
+    optimizer_lr: float = 3e-4
+    optimizer_betas: tuple[float, float] = (0.9, 0.999)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 1e-2
+    grad_clip_norm: float = 1.0
+    scheduler_name: str = "cosine"
+    scheduler_warmup_steps: int = 500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalization not in NORMALIZATION_MODES:
+            raise ConfigError(
+                f"policy.normalization={self.normalization!r}; expected one of {NORMALIZATION_MODES}"
+            )
+        if self.scheduler_warmup_steps < 0:
+            raise ConfigError("policy.scheduler_warmup_steps must be >= 0")
+        self.to_policy_config()  # every PolicyConfig rule, checked now rather than at the first batch
+
+    def to_policy_config(
+        self, input_shapes: dict[str, list[int]] | None = None, action_dim: int = 0
+    ) -> PolicyConfig:
+        """The scd-policy config these fields describe (shapes filled in once the features are known)."""
+        diffusion = self.diffusion
+        if isinstance(diffusion, dict):  # a config read back from JSON by a plain constructor
+            diffusion = DiffusionConfig(**diffusion)
+        return PolicyConfig(
+            type=self.architecture,
+            horizon=self.horizon,
+            n_action_steps=self.n_action_steps,
+            n_obs_steps=self.n_obs_steps,
+            train_window=self.train_window,
+            context_window=self.context_window,
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers,
+            mlp_ratio=self.mlp_ratio,
+            dropout=self.dropout,
+            n_context_tokens=self.n_context_tokens,
+            image_tokens=self.image_tokens,
+            image_channels=list(self.image_channels),
+            decoder_repeats=self.decoder_repeats,
+            context_noise=self.context_noise,
+            history_noise=self.history_noise,
+            decoder_lr_scale=self.decoder_lr_scale,
+            diffusion=diffusion,
+            input_shapes=dict(input_shapes or {}),
+            action_dim=action_dim,
+        )
+
+    # ---- what LeRobot's dataset loads per sample (indices in frames, relative to the sample's frame)
+    @property
+    def observation_delta_indices(self) -> list[int]:
+        return self.to_policy_config().observation_offsets
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return self.to_policy_config().action_offsets
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None
+
+    # ---- LeRobot's training presets
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> DiffuserSchedulerConfig:
+        return DiffuserSchedulerConfig(name=self.scheduler_name, num_warmup_steps=self.scheduler_warmup_steps)
+
+    def validate_features(self) -> None:
+        inputs = self.input_features or {}
+        if not any(ft.type in OBSERVATION_TYPES for ft in inputs.values()):
+            raise ValueError(
+                f"the scd policy needs at least one observation feature (state, environment state or a "
+                f"camera); the dataset gives {sorted(inputs)}"
+            )
+        outputs = self.output_features or {}
+        if ACTION not in outputs or len(outputs[ACTION].shape) != 1:
+            raise ValueError(f"the scd policy needs an {ACTION!r} vector feature; outputs are {outputs}")
+        policy_key_map(self)  # checks policy.cameras against the dataset's cameras

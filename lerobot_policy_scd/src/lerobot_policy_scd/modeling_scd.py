@@ -1,0 +1,180 @@
+"""``SCDPolicy``: an scd-policy ``Policy`` behind LeRobot's ``PreTrainedPolicy`` interface.
+
+The wrapper owns one scd-policy model (``self.model``, built by ``scd_policy.policies.make_policy``)
+and translates at the boundary only:
+
+- keys: LeRobot's feature names <-> ours (``policy_key_map``: ``observation.state`` -> ``state``, one
+  camera -> ``image``), so the same weights run on our environments;
+- normalisation: LeRobot's dataset statistics become the model's own ``Normalizer`` (saved inside
+  the weights), so the pre/post-processors only add a batch axis and move tensors (processor_scd.py);
+- run time: ``select_action`` drives scd-policy's streaming runtime (``scd_policy.runtime``: one
+  encoder call per control step on a KV cache, an action queue), reset by ``reset()``.
+
+Checkpoints: next to LeRobot's ``config.json`` + ``model.safetensors`` the wrapper writes the model in
+scd-policy's own format to ``<checkpoint>/scd_policy/``, which ``scd_policy.policies.load_policy`` and
+``scd_policy.runtime.SCDPolicy.from_pretrained`` read without LeRobot installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lerobot.configs.types import FeatureType
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.utils.constants import ACTION
+from torch import Tensor
+
+from lerobot_policy_scd.configuration_scd import SCDConfig, policy_key_map
+from scd_policy.data.normalizer import CONSTANT_TOLERANCE, Normalizer
+from scd_policy.policies import Policy, make_policy
+from scd_policy.policies.base import ACTION_KEY
+from scd_policy.runtime import SCDPolicy as StreamingRuntime
+
+SCD_SUBFOLDER = "scd_policy"  # scd-policy's own checkpoint format inside a LeRobot checkpoint
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().numpy().astype(np.float64)
+    return np.asarray(value, dtype=np.float64)
+
+
+def normalizer_from_stats(
+    shapes: dict[str, list[int]],
+    modes: dict[str, str],
+    stats: dict[str, dict[str, Any]] | None,
+    source_keys: dict[str, str],
+) -> Normalizer:
+    """Our Normalizer for these keys, fitted from LeRobot's per-feature statistics when given.
+
+    ``source_keys`` maps our key -> LeRobot's. Without ``stats`` (a policy about to load its weights)
+    the normaliser stays unfitted until the state_dict arrives.
+    """
+    normalizer = Normalizer(shapes, modes)
+    if stats is None:
+        return normalizer
+    for key, mode in modes.items():
+        if mode == "image":
+            continue
+        theirs = source_keys[key]
+        if theirs not in stats:
+            raise KeyError(f"LeRobot dataset statistics lack {theirs!r}; they cover {sorted(stats)}")
+        entry = stats[theirs]
+        if mode == "min_max":
+            low, high = _as_numpy(entry["min"]), _as_numpy(entry["max"])
+            offset, scale = (high + low) / 2, (high - low) / 2
+        else:
+            offset, scale = _as_numpy(entry["mean"]), _as_numpy(entry["std"])
+        # A constant dimension keeps scale 1 (maps to 0), as Normalizer.fit does.
+        normalizer.set_stats(key, offset, np.where(scale < CONSTANT_TOLERANCE, 1.0, scale))
+    normalizer.fitted.fill_(True)
+    return normalizer
+
+
+class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no type information
+    config_class = SCDConfig
+    name = "scd"
+
+    def __init__(
+        self,
+        config: SCDConfig,
+        dataset_stats: dict[str, dict[str, Any]] | None = None,
+        **kwargs: Any,  # LeRobot's make_policy also passes dataset_meta, which is not needed here
+    ) -> None:
+        super().__init__(config)
+        config.validate_features()
+        self.config: SCDConfig = config
+        self.key_map = policy_key_map(config)  # LeRobot key -> our key
+        features = config.input_features or {}
+        # LeRobot hands cameras as (C, H, W) float in [0, 1], the layout our policies take as well.
+        input_shapes = {
+            ours: [int(d) for d in features[theirs].shape] for theirs, ours in self.key_map.items()
+        }
+        action_dim = int((config.output_features or {})[ACTION].shape[0])
+        modes = {
+            ours: "image" if features[theirs].type is FeatureType.VISUAL else config.normalization
+            for theirs, ours in self.key_map.items()
+        }
+        modes[ACTION_KEY] = config.normalization
+        shapes = {**input_shapes, ACTION_KEY: [action_dim]}
+        sources = {ours: theirs for theirs, ours in self.key_map.items()} | {ACTION_KEY: ACTION}
+        normalizer = normalizer_from_stats(shapes, modes, dataset_stats, sources)
+        self.model: Policy = make_policy(config.to_policy_config(input_shapes, action_dim), normalizer)
+        self._runtime: StreamingRuntime | None = None
+
+    # ------------------------------------------------------------------ LeRobot's interface
+
+    def get_optim_params(self) -> list[dict[str, Any]]:
+        """AdamW groups from the model: no decay on gains/biases, the SCD decoder at a larger lr."""
+        return self.model.param_groups(self.config.optimizer_lr, self.config.optimizer_weight_decay)
+
+    def reset(self) -> None:
+        """Start new episodes: forget the runtime's KV cache, action queue and previous action."""
+        if self._runtime is not None:
+            self._runtime.reset()
+
+    def _observations(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        missing = [key for key in self.key_map if key not in batch]
+        if missing:
+            raise KeyError(f"the batch lacks {missing}; the policy reads {sorted(self.key_map)}")
+        return {ours: batch[theirs] for theirs, ours in self.key_map.items()}
+
+    def forward(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict[str, Any]]:
+        """Training loss on a LeRobot batch loaded at ``config.*_delta_indices``.
+
+        obs (B, T_obs, *shape), ``<obs key>_is_pad`` (B, T_obs), ``action`` (B, T_act, Da) and
+        ``action_is_pad`` (B, T_act), in raw units: the model normalises them itself.
+        """
+        if reduction != "mean":
+            raise NotImplementedError(f"the scd policy computes a mean loss only (reduction={reduction!r})")
+        obs = self._observations(batch)
+        first = next(iter(self.key_map))
+        obs_len = obs[self.key_map[first]].shape[:2]
+        # Every observation key is loaded at the same offsets, so any one's pad mask is the window's.
+        obs_is_pad = batch.get(f"{first}_is_pad")
+        if obs_is_pad is None:
+            obs_is_pad = torch.zeros(obs_len, dtype=torch.bool, device=batch[ACTION].device)
+        ours = {
+            **obs,
+            "obs_is_pad": obs_is_pad,
+            ACTION_KEY: batch[ACTION],
+            "action_is_pad": batch[f"{ACTION}_is_pad"],
+        }
+        loss, metrics = self.model.compute_loss(ours)
+        return loss, dict(metrics)
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
+        """A chunk (B, n, Da) starting at the current step, from this one observation (B, *shape) alone.
+
+        Stateless (no history beyond this step); ``select_action`` is the streaming path.
+        """
+        obs = {key: value[:, None] for key, value in self._observations(batch).items()}  # (B, 1, *shape)
+        chunk = self.model.predict_chunk(obs, noise=kwargs.get("noise"))
+        offset = self.model.config.chunk_start_offset  # diffusion_policy: the chunk starts in the past
+        return chunk[:, -offset:] if offset < 0 else chunk
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], **kwargs: Any) -> Tensor:
+        """One action per environment (B, Da) for this control step, through scd-policy's runtime."""
+        obs = self._observations(batch)
+        n_envs = int(next(iter(obs.values())).shape[0])
+        if self._runtime is None or self._runtime.num_envs != n_envs:
+            self._runtime = StreamingRuntime(
+                self.model,
+                num_envs=n_envs,
+                n_action_steps=self.config.n_action_steps,
+                replan_every_step=self.config.replan_every_step,
+            )
+        action = self._runtime.step(obs)  # (B, Da) numpy, raw units
+        device = batch[next(iter(self.key_map))].device
+        return torch.as_tensor(np.atleast_2d(action), dtype=torch.float32, device=device)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        self.model.save_pretrained(Path(save_directory) / SCD_SUBFOLDER)

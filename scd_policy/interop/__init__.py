@@ -1,0 +1,1 @@
+"""Interoperability with other robot-learning stacks (LeRobot); optional dependencies load lazily."""
