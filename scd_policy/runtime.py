@@ -2,42 +2,161 @@
 
 What a robot (or a simulation loop) calls at every control tick. For the causal policies (``scd`` and
 ``causal_diffusion``) each call runs the encoder once, on the new step only (KV cache, bounded to
-``context_window`` steps with exact sliding-window eviction), with the action executed at the previous
+``context_window`` steps with exact sliding-window eviction), with the action returned at the previous
 tick fed back as that step's "previous action" token; a replan then runs K denoiser calls. For
-``diffusion_policy`` each replan re-encodes its window of the last ``n_obs_steps`` observations.
+``diffusion_policy`` (its natural streaming form) each replan re-encodes its window of the last
+``n_obs_steps`` observations, edge-padded at an episode start as in training.
 
 Execution modes:
 
-- open loop (default): a chunk is sampled and its ``n_action_steps`` actions are executed one per tick
-  before the next replan;
+- open loop (default): a chunk is sampled and its first ``n_action_steps`` actions are executed one per
+  tick before that stream replans;
 - ``replan_every_step=True``: a new chunk at every tick, smoothed with ACT-style temporal ensembling over
-  the overlapping chunks (``ensemble_decay``: weight ``exp(-decay * i)`` with i = 0 the oldest chunk),
-  cheap for SCD because the history is never re-encoded.
+  the overlapping chunks (``TemporalEnsembler``), cheap for SCD because the history is never re-encoded.
 
 Batched form: ``num_envs`` parallel streams, observations with a leading ``num_envs`` axis (omit it when
-``num_envs == 1``), ``reset(mask)`` restarts the chosen streams only.
+``num_envs == 1``); ``reset(mask)`` restarts the chosen streams only. Replans are per stream: only the
+streams whose queue ran out are sampled, each from its own noise generator, so what one stream does
+(a reset, a replan) never changes another stream's actions.
+
+Randomness: stream i draws its noise from ``stream_generator(seed, i)`` (a CPU generator, so a seed gives
+the same noise on every device); each replan draws one (H, Da) start noise from it (and, for the
+ancestral DDPM sampler, its per-step noises), exactly as ``policy.predict_chunk(history,
+generator=stream_generator(seed, i))`` would. ``reset()`` keeps the generators running (successive
+episodes see fresh noise); ``reset(seed=s)`` re-seeds them, like ``gymnasium.Env.reset(seed=...)``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from scd_policy.data.dataset import images_to_policy
-from scd_policy.policies import Policy, load_policy
-from scd_policy.policies.causal import CausalPolicy
+from scd_policy.models.causal_dit import History
+from scd_policy.policies import (
+    CausalDiffusionPolicy,
+    CausalPolicy,
+    CheckpointError,
+    DiffusionPolicy,
+    Policy,
+    SeparableCausalDiffusionPolicy,
+    StepContext,
+    load_policy,
+    policy_class,
+)
 
-ObsValue = np.ndarray | Tensor
+__all__ = [
+    "CheckpointError",
+    "ObservationError",
+    "SCDPolicy",
+    "TemporalEnsembler",
+    "compile_denoiser",
+    "select_streams",
+    "stream_generator",
+]
+
+ObsValue = Tensor | npt.ArrayLike
+
+# How far a CHW float image may stray outside [0, 1] before it is taken for a 0..255 image.
+_IMAGE_RANGE_TOLERANCE = 1e-3
 
 
 class ObservationError(ValueError):
     """An observation passed to ``step`` has a missing/extra key, a wrong shape or dtype, or NaN/inf."""
+
+
+def stream_generator(seed: int, stream: int) -> torch.Generator:
+    """The noise generator of stream ``stream`` under runtime seed ``seed`` (CPU, independent streams).
+
+    Streams of one seed, and the same stream under different seeds, get unrelated generators
+    (``numpy.random.SeedSequence`` mixing, not ``seed + stream``, so seed 1 stream 0 != seed 0 stream 1).
+    """
+    if seed < 0 or stream < 0:
+        raise ValueError(f"seed and stream must be >= 0, got seed={seed}, stream={stream}")
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def select_streams(context: StepContext, rows: Tensor) -> StepContext:
+    """The context of the streams ``rows`` (R,) only: SCD's tokens (B, n_ctx, D) or the baseline's
+    ``History`` (per-stream keys/values; step numbering is shared by all streams and kept)."""
+    if isinstance(context, Tensor):
+        return context[rows]
+    return History(
+        keys=tuple(k[rows] for k in context.keys),
+        values=tuple(v[rows] for v in context.values),
+        key_steps=context.key_steps,
+        token_valid=None if context.token_valid is None else context.token_valid[rows],
+        n_steps=context.n_steps,
+    )
+
+
+def compile_denoiser(policy: Policy) -> None:
+    """``torch.compile`` the network a policy calls K times per replan, in place (weights, state_dict
+    and results unchanged): SCD's decoder, the monolithic baseline's ``denoise``, the windowed
+    baseline's transformer. On CUDA it uses ``mode="reduce-overhead"`` (CUDA graphs)."""
+    device = next(policy.parameters()).device
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if isinstance(policy, SeparableCausalDiffusionPolicy):
+        policy.decoder.compile(mode=mode)
+    elif isinstance(policy, DiffusionPolicy):
+        policy.model.compile(mode=mode)
+    elif isinstance(policy, CausalDiffusionPolicy):
+        # Its denoiser is a method, not ``forward``: shadow it with the compiled version on the instance.
+        object.__setattr__(policy.model, "denoise", torch.compile(policy.model.denoise, mode=mode))
+    else:
+        raise TypeError(f"compile_denoiser does not know the denoiser of {type(policy).__name__}")
+
+
+class TemporalEnsembler:
+    """ACT-style temporal ensembling of overlapping action chunks, per stream.
+
+    A chunk of length L sampled at tick s predicts ticks s .. s+L-1. At tick t the executed action is
+    the weighted mean of every prediction for t, one from each chunk sampled at ticks
+    max(t - L + 1, episode start) .. t, with weight ``exp(-decay * j)`` for the j-th oldest of them
+    (j = 0: the oldest, as in ACT). ``decay = 0`` gives the plain average; a large decay follows the
+    oldest chunk (open loop for L ticks).
+    """
+
+    def __init__(self, num_envs: int, chunk_len: int, action_dim: int, decay: float, device: torch.device):
+        if decay < 0:
+            raise ValueError(f"ensemble_decay must be >= 0, got {decay}")
+        self.decay = decay
+        self.chunk_len = chunk_len
+        # chunks[b, a, i]: the prediction, for tick now + i, of stream b's chunk sampled a ticks ago.
+        self.chunks = torch.zeros(num_envs, chunk_len, chunk_len, action_dim, device=device)
+        self.count = torch.zeros(num_envs, dtype=torch.long, device=device)  # chunks still predicting now
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        """Forget the chunks of every stream (None) or of the streams ``streams`` (bool (B,) or indices)."""
+        if streams is None:
+            self.count.zero_()
+        else:
+            self.count[streams.to(self.count.device)] = 0
+
+    def add(self, rows: Tensor, chunk: Tensor) -> Tensor:
+        """A new tick for streams ``rows`` (R,) with their new chunks (R, L, Da); returns the actions
+        (R, Da) to execute now."""
+        if chunk.shape[1] != self.chunk_len:
+            raise ValueError(f"chunk of length {chunk.shape[1]}; the ensembler holds {self.chunk_len}")
+        old = self.chunks[rows]  # (R, L, L, Da)
+        aged = torch.zeros_like(old)
+        aged[:, 1:, :-1] = old[:, :-1, 1:]  # one tick older: the prediction for now moves one index left
+        aged[:, 0] = chunk
+        self.chunks[rows] = aged
+        count = (self.count[rows] + 1).clamp(max=self.chunk_len)
+        self.count[rows] = count
+        ages = torch.arange(self.chunk_len, device=chunk.device)[None, :]  # (1, L)
+        oldest_first = (count[:, None] - 1 - ages).clamp(min=0)  # j: 0 for the oldest chunk in play
+        weights = torch.exp(-self.decay * oldest_first.to(chunk.dtype)) * (ages < count[:, None])
+        return (weights[:, :, None] * aged[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
 
 
 class SCDPolicy:
@@ -48,6 +167,13 @@ class SCDPolicy:
         policy = SCDPolicy.from_pretrained("runs/push_t/best")
         policy.reset()
         action = policy.step({"state": state})  # raw units in, raw units out
+
+    Arguments: ``num_envs`` parallel streams; ``n_action_steps`` actions executed per chunk (default:
+    the policy's); ``num_inference_steps`` K (default: the policy's); ``replan_every_step`` with
+    ``ensemble_decay`` (see ``TemporalEnsembler``); ``seed`` of the per-stream noise generators (None:
+    fresh entropy); ``num_threads`` for torch's CPU ops (process-wide); ``compile`` the denoiser with
+    ``torch.compile`` (see ``compile_denoiser``; the first steps then include compilation);
+    ``latency_window`` the number of recent per-step latencies kept in ``latencies_ms``.
     """
 
     def __init__(
@@ -61,14 +187,23 @@ class SCDPolicy:
         ensemble_decay: float = 0.01,
         seed: int | None = 0,
         num_threads: int | None = None,
+        compile: bool = False,
+        latency_window: int = 10_000,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if latency_window < 1:
+            raise ValueError(f"latency_window must be >= 1, got {latency_window}")
         cfg = policy.config
-        max_steps = cfg.horizon + cfg.chunk_start_offset
+        # The part of a chunk at or after the current tick (diffusion_policy's chunk starts in the past).
+        self.chunk_len = cfg.horizon + cfg.chunk_start_offset
         n_action_steps = n_action_steps or cfg.n_action_steps
-        if not 1 <= n_action_steps <= max_steps:
-            raise ValueError(f"n_action_steps={n_action_steps} must be in [1, {max_steps}] for this policy")
+        if not 1 <= n_action_steps <= self.chunk_len:
+            raise ValueError(
+                f"n_action_steps={n_action_steps} must be in [1, {self.chunk_len}] for this policy"
+            )
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.policy = policy.eval()
@@ -77,133 +212,197 @@ class SCDPolicy:
         self.n_action_steps = 1 if replan_every_step else n_action_steps
         self.num_inference_steps = num_inference_steps
         self.replan_every_step = replan_every_step
-        self.ensemble_decay = ensemble_decay
         self.device = next(policy.parameters()).device
-        self.generator = torch.Generator(device=self.device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
-        self.latencies_ms: list[float] = []
+        self.dtype = next(policy.parameters()).dtype
+        self.seed = seed
+        self.latencies_ms: deque[float] = deque(maxlen=latency_window)
+        self.steps_taken = 0  # control ticks since construction (all episodes)
         self._images = {key for key, shape in cfg.input_shapes.items() if len(shape) == 3}
         self._action_dim = cfg.action_dim
+        # Ancestral DDPM draws noise at every denoising step: those streams are sampled one at a time so
+        # that each stream's draws come from its own generator only.
+        self._per_stream_sampling = cfg.diffusion.process == "ddpm" and cfg.diffusion.sampler == "ddpm"
         self._cache = policy.init_cache() if isinstance(policy, CausalPolicy) else None
+        self._ensembler = TemporalEnsembler(
+            num_envs, self.chunk_len, self._action_dim, ensemble_decay, self.device
+        )
+        self._generators = [torch.Generator() for _ in range(num_envs)]
+        self._seed_streams(range(num_envs), seed)
+        if compile:
+            compile_denoiser(policy)
         self.reset()
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        policy_type: str | None = None,
+        **kwargs: Any,
     ) -> SCDPolicy:
-        """Load a policy folder (``model.safetensors`` + ``config.json``) written by training."""
-        return cls(load_policy(path, device=device), **kwargs)
+        """Load a policy folder (``model.safetensors`` + ``config.json``) written by training.
+
+        ``policy_type`` (e.g. ``"scd"``) refuses a folder holding another type; a folder of another
+        format version, an incomplete or corrupt one raises ``CheckpointError`` too. ``kwargs`` go to
+        the constructor.
+        """
+        if policy_type is None:
+            policy = load_policy(path, device=device)
+        else:
+            policy = policy_class(policy_type).from_pretrained(path, device=device)
+        return cls(policy, **kwargs)
 
     # ------------------------------------------------------------------ state
 
     @torch.inference_mode()  # the state tensors are inference tensors: create and update them in this mode
-    def reset(self, mask: Sequence[bool] | np.ndarray | None = None) -> None:
-        """Forget the episode of every stream (``mask`` None) or of the streams where ``mask`` is True."""
-        n, h, da = self.num_envs, self.config.horizon, self._action_dim
+    def reset(
+        self, mask: Sequence[bool] | npt.NDArray[np.bool_] | Tensor | None = None, seed: int | None = None
+    ) -> None:
+        """Start new episodes: every stream (``mask`` None) or the streams where ``mask`` (num_envs,) is
+        True. Clears their KV cache, action queue, previous action, observation window and ensembling
+        state. ``seed`` also re-seeds their noise generators (``stream_generator(seed, i)``)."""
+        n, da = self.num_envs, self._action_dim
         if mask is None:
             streams = torch.ones(n, dtype=torch.bool)
-            self._queue = torch.zeros(n, self.n_action_steps, da, device=self.device)
-            self._queue_pos = torch.full((n,), self.n_action_steps, dtype=torch.long)
-            self._prev_action = torch.zeros(n, da, device=self.device)
+            self._queue = torch.zeros(n, self.n_action_steps, da, device=self.device, dtype=self.dtype)
+            self._queue_pos = torch.full((n,), self.n_action_steps, dtype=torch.long)  # full: replan now
+            self._prev_action = torch.zeros(n, da, device=self.device, dtype=self.dtype)
             self._prev_valid = torch.zeros(n, dtype=torch.bool, device=self.device)
             self._window: dict[str, Tensor] = {}
             self._window_len = torch.zeros(n, dtype=torch.long)
-            # Temporal ensembling: chunk made `a` ticks ago, realigned so index 0 is the current tick.
-            self._ens_chunks = torch.zeros(n, h, h, da, device=self.device)  # (N, age, H, Da)
-            self._ens_count = torch.zeros(n, dtype=torch.long)
+            self._ensembler.reset()
+            if self._cache is not None:
+                self._cache.reset()
         else:
-            streams = torch.as_tensor(np.asarray(mask, dtype=bool))
+            if isinstance(mask, Tensor):
+                streams = mask.detach().to("cpu", torch.bool)
+            else:
+                streams = torch.as_tensor(np.asarray(mask, dtype=bool))
             if streams.shape != (n,):
                 raise ValueError(f"reset mask has shape {tuple(streams.shape)}; expected ({n},)")
             self._queue_pos[streams] = self.n_action_steps
             self._prev_valid[streams.to(self.device)] = False
             self._window_len[streams] = 0
-            self._ens_count[streams] = 0
-        if self._cache is not None:
-            self._cache.reset(None if mask is None else streams.to(self.device))
+            self._ensembler.reset(streams)
+            if self._cache is not None and bool(streams.any()):
+                self._cache.reset(streams.to(self.device))
+        if seed is not None:
+            self._seed_streams(streams.nonzero().flatten().tolist(), seed)
+
+    def _seed_streams(self, streams: Sequence[int] | range, seed: int | None) -> None:
+        for stream in streams:
+            if seed is None:  # fresh entropy, still one independent generator per stream
+                state = np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0]
+                self._generators[stream] = torch.Generator().manual_seed(int(state))
+            else:
+                self._generators[stream] = stream_generator(seed, stream)
+
+    @property
+    def generators(self) -> list[torch.Generator]:
+        """The per-stream noise generators (CPU); ``get_state``/``set_state`` to snapshot or replay."""
+        return self._generators
 
     # ------------------------------------------------------------------ the control tick
 
     @torch.inference_mode()
-    def step(self, obs: Mapping[str, ObsValue]) -> np.ndarray:
+    def step(self, obs: Mapping[str, ObsValue]) -> npt.NDArray[np.float32]:
         """One control tick: observation(s) in raw units -> action(s) in raw units.
 
         ``obs[key]``: (*shape) when ``num_envs == 1`` (a leading axis of 1 is accepted too), else
-        (num_envs, *shape); images as HWC uint8 (as environments render them) or CHW float in [0, 1].
-        Returns (Da,) for a single unbatched stream, else (num_envs, Da).
+        (num_envs, *shape); numpy arrays, array-likes or tensors. Images: HWC with values 0..255 (as
+        environments render them) or CHW, uint8 0..255 or float in [0, 1]. Raises ``ObservationError``
+        naming the key and the expected shape on any bad input. Returns (Da,) for an unbatched
+        observation, else (num_envs, Da).
         """
         start = time.perf_counter()
         batched_input, tensors = self._check_obs(obs)
         if isinstance(self.policy, CausalPolicy):
             assert self._cache is not None
             context = self.policy.encode_step(tensors, self._prev_action, self._cache, self._prev_valid)
-            need = self._needs_replan()
-            if need.any():
-                chunk = self.policy.sample_chunk(
-                    context, num_inference_steps=self.num_inference_steps, generator=self.generator
-                )
-                self._commit(chunk, need)
+            self._replan(lambda rows, noise, gen: self._sample_causal(context, rows, noise, gen))
         else:
             self._push_window(tensors)
-            need = self._needs_replan()
-            if need.any():
-                chunk = self.policy.predict_chunk(
-                    self._window, num_inference_steps=self.num_inference_steps, generator=self.generator
-                )
-                # The chunk starts n_obs_steps - 1 ticks back: drop the part already in the past.
-                self._commit(chunk[:, -self.config.chunk_start_offset :], need)
+            self._replan(self._sample_windowed)
         action = self._pop_action()
         self._prev_action = action
-        self._prev_valid[:] = True
+        self._prev_valid.fill_(True)
         out = action.detach().to("cpu", torch.float32).numpy()
+        self.steps_taken += 1
         self.latencies_ms.append(1000.0 * (time.perf_counter() - start))
         return out if batched_input else out[0]
 
     def latency_stats(self, warmup: int = 5) -> dict[str, float]:
-        """p50/p90/mean per-step latency in ms over the steps after the first ``warmup``."""
-        values = np.array(self.latencies_ms[warmup:] or self.latencies_ms or [np.nan])
+        """Per-step latency in ms (p50, p90, p99, mean, max) over the kept steps, skipping the first
+        ``warmup`` control ticks of this runtime (compilation, allocator warm-up)."""
+        dropped = self.steps_taken - len(self.latencies_ms)  # older than latency_window
+        values = np.array(list(self.latencies_ms)[max(warmup - dropped, 0) :])
+        if values.size == 0:
+            nan = float("nan")
+            return {"p50_ms": nan, "p90_ms": nan, "p99_ms": nan, "mean_ms": nan, "max_ms": nan, "steps": 0.0}
         return {
             "p50_ms": float(np.percentile(values, 50)),
             "p90_ms": float(np.percentile(values, 90)),
+            "p99_ms": float(np.percentile(values, 99)),
             "mean_ms": float(values.mean()),
-            "steps": float(len(values)),
+            "max_ms": float(values.max()),
+            "steps": float(values.size),
         }
+
+    # ------------------------------------------------------------------ sampling
+
+    def _replan(self, sample: Callable[[Tensor, Tensor | None, torch.Generator | None], Tensor]) -> None:
+        """Sample new chunks for the streams whose queue is used up, and only for those."""
+        rows = (self._queue_pos >= self.n_action_steps).nonzero().flatten()  # (R,) on CPU
+        if rows.numel() == 0:
+            return
+        if self._per_stream_sampling:
+            chunk = torch.cat(
+                [sample(rows[i : i + 1], None, self._generators[int(r)]) for i, r in enumerate(rows)]
+            )
+        else:
+            # Start noise drawn stream by stream from each stream's generator, then one batched call.
+            shape = (1, self.config.horizon, self._action_dim)
+            noise = torch.cat(
+                [torch.randn(shape, generator=self._generators[int(r)], dtype=self.dtype) for r in rows]
+            )
+            chunk = sample(rows, noise.to(self.device), None)
+        # The chunk from the current tick on (diffusion_policy's chunk starts n_obs_steps - 1 ticks back).
+        chunk = chunk[:, chunk.shape[1] - self.chunk_len :]  # (R, chunk_len, Da)
+        rows_dev = rows.to(self.device)
+        if self.replan_every_step:
+            self._queue[rows_dev, 0] = self._ensembler.add(rows_dev, chunk)
+        else:
+            self._queue[rows_dev] = chunk[:, : self.n_action_steps]
+        self._queue_pos[rows] = 0
+
+    def _sample_causal(
+        self, context: StepContext, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None
+    ) -> Tensor:
+        assert isinstance(self.policy, CausalPolicy)
+        if rows.numel() < self.num_envs:
+            context = select_streams(context, rows.to(self.device))
+        return self.policy.sample_chunk(
+            context, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
+        )
+
+    def _sample_windowed(
+        self, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None
+    ) -> Tensor:
+        window = self._window
+        if rows.numel() < self.num_envs:
+            rows_dev = rows.to(self.device)
+            window = {key: value[rows_dev] for key, value in window.items()}
+        return self.policy.predict_chunk(
+            window, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
+        )
 
     # ------------------------------------------------------------------ internals
 
-    def _needs_replan(self) -> Tensor:
-        return self._queue_pos >= self.n_action_steps  # (N,) bool, on CPU
-
-    def _commit(self, chunk: Tensor, streams: Tensor) -> None:
-        """Store a freshly sampled chunk (N, >=n_action_steps, Da) for the streams that asked for it."""
-        streams_dev = streams.to(self.device)
-        if self.replan_every_step:
-            # Age every stored chunk by one tick (shift its predictions left), then add the new one.
-            aged = torch.zeros_like(self._ens_chunks)
-            aged[:, 1:, :-1] = self._ens_chunks[:, :-1, 1:]
-            aged[:, 0, : chunk.shape[1]] = chunk[:, : self.config.horizon]
-            self._ens_chunks = torch.where(streams_dev[:, None, None, None], aged, self._ens_chunks)
-            # A chunk of length L predicts the current tick only while its age is < L.
-            bumped = (self._ens_count + 1).clamp(max=chunk.shape[1])
-            self._ens_count = torch.where(streams, bumped, self._ens_count)
-            ages = torch.arange(aged.shape[1], device=self.device)
-            count = self._ens_count.to(self.device)[:, None]  # chunks available: ages 0 .. count-1
-            valid = ages[None, :] < count
-            # ACT weighting: the oldest available chunk gets weight 1, each newer one exp(-decay) less.
-            weights = torch.exp(-self.ensemble_decay * (count - 1 - ages[None, :]).clamp(min=0).float())
-            weights = weights * valid
-            action = (weights[:, :, None] * self._ens_chunks[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
-            self._queue = torch.where(streams_dev[:, None, None], action[:, None], self._queue)
-        else:
-            new = chunk[:, : self.n_action_steps]
-            self._queue = torch.where(streams_dev[:, None, None], new, self._queue)
-        self._queue_pos = torch.where(streams, torch.zeros_like(self._queue_pos), self._queue_pos)
-
     def _pop_action(self) -> Tensor:
         index = self._queue_pos.to(self.device)
-        action = self._queue[torch.arange(self.num_envs, device=self.device), index]
-        self._queue_pos = self._queue_pos + 1
+        action = self._queue[torch.arange(self.num_envs, device=self.device), index]  # (N, Da)
+        self._queue_pos += 1
         return action
 
     def _push_window(self, tensors: dict[str, Tensor]) -> None:
@@ -219,48 +418,81 @@ class SCDPolicy:
             self._window[key] = torch.where(mask, padded, shifted)
         self._window_len += 1
 
+    def _expected(self, key: str) -> str:
+        want = tuple(self.config.input_shapes[key])
+        layout = f"{want}" if self.num_envs == 1 else f"({self.num_envs}, {', '.join(map(str, want))})"
+        if key in self._images:
+            c, h, w = want
+            hwc = f"({h}, {w}, {c})" if self.num_envs == 1 else f"({self.num_envs}, {h}, {w}, {c})"
+            layout += f" (CHW) or {hwc} (HWC)"
+        return layout
+
     def _check_obs(self, obs: Mapping[str, ObsValue]) -> tuple[bool, dict[str, Tensor]]:
+        if not isinstance(obs, Mapping):
+            raise ObservationError(
+                f"step() takes a dict of observations {sorted(self.config.input_shapes)}; "
+                f"got {type(obs).__name__}"
+            )
         expected = self.config.input_shapes
         missing = sorted(set(expected) - set(obs))
         extra = sorted(set(obs) - set(expected))
         if missing or extra:
             raise ObservationError(
                 f"observation keys {sorted(obs)} do not match the policy's {sorted(expected)}"
-                + (f"; missing {missing}" if missing else "")
+                + "".join(f"; missing {key!r}: expected shape {self._expected(key)}" for key in missing)
                 + (f"; unexpected {extra}" if extra else "")
             )
         batched_input = self.num_envs > 1
         tensors: dict[str, Tensor] = {}
         for key, shape in expected.items():
             value = obs[key]
-            array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-            if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            try:
+                array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            except (TypeError, ValueError) as error:  # ragged lists and the like
                 raise ObservationError(
-                    f"observation {key!r} has dtype {array.dtype}; expected a numeric array"
+                    f"observation {key!r} is not an array ({error}); expected shape {self._expected(key)}"
+                ) from error
+            kind = array.dtype.kind
+            if kind not in "biuf":  # bool, int, uint, float; not complex, str, object, datetime
+                raise ObservationError(
+                    f"observation {key!r} has dtype {array.dtype}; expected a real numeric array of shape "
+                    f"{self._expected(key)}"
                 )
-            if (
-                key in self._images
-                and array.ndim >= 3
-                and array.shape[-1] in (1, 3, 4)
-                and array.shape[-3] != 3
-            ):
-                array = images_to_policy(array)  # HWC uint8 -> CHW float in [0, 1]
-            want = tuple(shape)
-            if array.shape == want and self.num_envs == 1:
-                array = array[None]
-            elif array.shape == (1, *want) and self.num_envs == 1:
+            want, given = tuple(shape), array.shape
+            step_shape, lead = array.shape[array.ndim - len(want) :], array.shape[: array.ndim - len(want)]
+            from_255 = kind in "biu"  # integer images hold 0..255
+            if key in self._images and step_shape != want and step_shape == (*want[1:], want[0]):
+                array = np.moveaxis(array, -1, -3)  # HWC (as rendered and stored): 0..255 whatever the dtype
+                step_shape, from_255 = want, True
+            if array.ndim < len(want) or step_shape != want or lead not in self._leads():
+                raise ObservationError(
+                    f"observation {key!r} has shape {given}; expected {self._expected(key)}"
+                )
+            if lead == (1,) and self.num_envs == 1:
                 batched_input = True
-            elif array.shape != (self.num_envs, *want):
-                layout = (
-                    f"{want}" if self.num_envs == 1 else f"({self.num_envs}, {', '.join(map(str, want))})"
-                )
-                hint = " (images: HWC uint8 or CHW float)" if key in self._images else ""
-                raise ObservationError(
-                    f"observation {key!r} has shape {tuple(np.shape(value))}; expected {layout}{hint}"
-                )
             if not np.isfinite(array).all():
                 raise ObservationError(
                     f"observation {key!r} contains NaN or inf; check the sensor feeding it"
                 )
-            tensors[key] = torch.as_tensor(array, dtype=torch.float32, device=self.device)
+            if key in self._images:
+                array = self._unit_range(key, array, from_255)
+            tensors[key] = torch.as_tensor(
+                array.reshape(self.num_envs, *want), dtype=self.dtype, device=self.device
+            )
         return batched_input, tensors
+
+    def _leads(self) -> tuple[tuple[int, ...], ...]:
+        """Accepted leading axes: none or 1 for a single stream, (num_envs,) otherwise."""
+        return ((), (1,)) if self.num_envs == 1 else ((self.num_envs,),)
+
+    def _unit_range(self, key: str, array: npt.NDArray[Any], from_255: bool) -> npt.NDArray[np.float32]:
+        """An image as float32 in [0, 1], the policy's convention (its normaliser maps that to [-1, 1])."""
+        if from_255:
+            return array.astype(np.float32) / np.float32(255.0)
+        low, high = float(array.min()), float(array.max())
+        if low < -_IMAGE_RANGE_TOLERANCE or high > 1.0 + _IMAGE_RANGE_TOLERANCE:
+            raise ObservationError(
+                f"observation {key!r} is a float CHW image with values in [{low:g}, {high:g}]; expected "
+                "[0, 1] (pass 0..255 images as uint8, or in HWC layout)"
+            )
+        return array.astype(np.float32, copy=False)

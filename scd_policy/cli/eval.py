@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -55,7 +56,7 @@ def run_config_for(policy_dir: Path) -> dict[str, object]:
     return {}
 
 
-def run_eval(cfg: EvalRunConfig) -> dict[str, object]:
+def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
         raise SystemExit("scd-eval needs checkpoint=<run folder or policy folder>")
     policy_dir = resolve_policy_dir(Path(cfg.checkpoint))

@@ -69,9 +69,7 @@ class SeparableCausalDiffusionPolicy(CausalPolicy):
 
     def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
         if not isinstance(context, Tensor):
-            raise TypeError(
-                "the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()"
-            )
+            raise TypeError("the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()")
         out: Tensor = self.decoder(x_t, t, context)
         return out
 
