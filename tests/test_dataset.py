@@ -45,19 +45,28 @@ def _dataset(path: Path, policy: PolicyConfig, episodes: list[int] | None = None
 
 def test_causal_windows_pad_at_episode_start_and_end(make_buffer: BufferFactory) -> None:
     dataset = _dataset(make_buffer(LENGTHS), _causal())
-    assert len(dataset) == 10
+    # A 3-step window is not anchored where it would run past its episode's end; an episode shorter
+    # than the window keeps its first step: anchors 0 | 3, 4, 5 | 8.
+    assert len(dataset) == 5
     # Anchor 3: first step of episode 1. Obs steps 3,4,5; actions 2->3 (clamped), 3,4,5,6.
-    sample = dataset[3]
+    sample = dataset[1]
     np.testing.assert_array_equal(sample["state"][:, 0], [3, 4, 5])
     np.testing.assert_array_equal(sample["obs_is_pad"], [False, False, False])
     np.testing.assert_array_equal(sample["action"][:, 1], [-3, -3, -4, -5, -6])
     np.testing.assert_array_equal(sample["action_is_pad"], [True, False, False, False, False])
-    # Anchor 7: last step of episode 1. Obs 7,8->7,9->7; actions 6,7,8->7,9->7,10->7.
-    sample = dataset[7]
-    np.testing.assert_array_equal(sample["state"][:, 0], [7, 7, 7])
-    np.testing.assert_array_equal(sample["obs_is_pad"], [False, True, True])
-    np.testing.assert_array_equal(sample["action"][:, 0], [6.5, 7.5, 7.5, 7.5, 7.5])
-    np.testing.assert_array_equal(sample["action_is_pad"], [False, False, True, True, True])
+    # Anchor 5: last anchor of episode 1. Obs 5,6,7; actions 4,5,6,7,8->7.
+    sample = dataset[3]
+    np.testing.assert_array_equal(sample["state"][:, 0], [5, 6, 7])
+    np.testing.assert_array_equal(sample["obs_is_pad"], [False, False, False])
+    np.testing.assert_array_equal(sample["action"][:, 0], [4.5, 5.5, 6.5, 7.5, 7.5])
+    np.testing.assert_array_equal(sample["action_is_pad"], [False, False, False, False, True])
+    # Anchor 8: the 2-step episode [8, 10), shorter than the window. Obs 8,9,10->9; actions 7->8, 8, 9,
+    # 10->9, 11->9.
+    sample = dataset[4]
+    np.testing.assert_array_equal(sample["state"][:, 0], [8, 9, 9])
+    np.testing.assert_array_equal(sample["obs_is_pad"], [False, False, True])
+    np.testing.assert_array_equal(sample["action"][:, 0], [8.5, 8.5, 9.5, 9.5, 9.5])
+    np.testing.assert_array_equal(sample["action_is_pad"], [True, False, False, True, True])
     # Anchor 0 in a 3-step episode: obs 0,1,2 unpadded; actions -1->0, 0,1,2, 3->2.
     sample = dataset[0]
     np.testing.assert_array_equal(sample["obs_is_pad"], [False, False, False])
@@ -94,17 +103,17 @@ def test_sample_types_and_image_layout(make_buffer: BufferFactory) -> None:
 
 
 def test_episode_subset_and_loader_batches(make_buffer: BufferFactory) -> None:
-    dataset = _dataset(make_buffer(LENGTHS), _causal(), episodes=[2, 0])
+    dataset = _dataset(make_buffer(LENGTHS), _windowed_dp(), episodes=[2, 0])
     assert len(dataset) == 5  # anchors: episode 2 then episode 0 (8, 9, 0, 1, 2)
-    np.testing.assert_array_equal(dataset[1]["state"][:, 0], [9, 9, 9])
-    np.testing.assert_array_equal(dataset[2]["state"][:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(dataset[1]["state"][:, 0], [8, 9])
+    np.testing.assert_array_equal(dataset[2]["state"][:, 0], [0, 0])
     with pytest.raises(IndexError, match="sample index 5 out of range for 5"):
         dataset[5]
     # A worker process reads the zarr images too (fork start; zarr resets its IO loop after fork).
     loader = DataLoader(dataset, batch_size=4, shuffle=False, num_workers=1)
     batches = list(loader)
-    assert [batch["image"].shape for batch in batches] == [(4, 3, 3, 4, 4), (1, 3, 3, 4, 4)]
-    assert batches[0]["action"].shape == (4, 5, 2) and batches[0]["action_is_pad"].shape == (4, 5)
+    assert [batch["image"].shape for batch in batches] == [(4, 2, 3, 4, 4), (1, 2, 3, 4, 4)]
+    assert batches[0]["action"].shape == (4, 4, 2) and batches[0]["action_is_pad"].shape == (4, 4)
 
 
 def test_float_images_from_diffusion_policy_buffers(tmp_path: Path) -> None:
@@ -156,15 +165,17 @@ def test_make_datasets_and_shapes(make_buffer: BufferFactory) -> None:
     train, val, buffer = make_datasets(data, _causal())
     train_ids, val_ids = split_episodes(4, 0.25, seed=0)
     assert len(val_ids) == 1
-    assert len(train) == int(buffer.episode_lengths[train_ids].sum())
-    assert len(val) == int(buffer.episode_lengths[val_ids].sum())
-    assert len(train) + len(val) == 14
+    # 3-step windows are anchored where they fit in their episode, and once in a shorter one.
+    anchors = np.maximum(1, buffer.episode_lengths - 2)  # lengths 3, 5, 2, 4 -> 1, 3, 1, 2
+    assert len(train) == int(anchors[train_ids].sum())
+    assert len(val) == int(anchors[val_ids].sum())
+    assert len(train) + len(val) == 7
     assert train[0]["action"].shape == (5, 2) and train[0]["state"].shape == (3, 2)
     assert input_shapes(buffer, ["state", "image"]) == {"state": [2], "image": [3, 4, 4]}
     assert action_dim(buffer) == 2
 
     capped, _, _ = make_datasets(DataConfig(path=str(path), max_train_episodes=1, val_ratio=0.25), _causal())
-    assert len(capped) == int(buffer.episode_lengths[train_ids[0]])  # one train episode only
+    assert len(capped) == int(anchors[train_ids[0]])  # one train episode only
 
 
 def test_make_datasets_bad_input(make_buffer: BufferFactory, tmp_path: Path) -> None:

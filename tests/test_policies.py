@@ -245,8 +245,12 @@ def test_loss_and_inference_end_to_end(policy_type: str, image: bool, buffer: Re
 def test_padded_steps_and_actions_do_not_enter_the_loss(policy_type: str, buffer: ReplayBuffer) -> None:
     policy = build(policy_type, buffer)
     randomize_zero_init(policy)
-    batch = batch_of(policy, buffer, [0, 21])  # sample 0: episode start; sample 1: runs past the end
-    assert bool(batch["action_is_pad"][0, 0]) and bool(batch["obs_is_pad"][1, -1])
+    batch = batch_of(policy, buffer, [0, 15])  # sample 0: an episode start
+    assert bool(batch["action_is_pad"][0, 0])
+    # Sample 1 as if its episode ended two steps before the window does (the dataset only makes such
+    # windows for episodes shorter than the window).
+    batch["obs_is_pad"][1, -2:] = True
+    batch["action_is_pad"][1, -1 - HORIZON :] = True  # actions after the last real step (offset W-3)
     garbage = {key: value.clone() for key, value in batch.items()}
     garbage["state"][batch["obs_is_pad"]] = 1e3  # steps past the episode end
     # The previous action at an episode start. (Padded actions *inside* a chunk stay part of the noisy
@@ -452,7 +456,8 @@ def test_policy_rejects_mismatched_config_and_normalizer(buffer: ReplayBuffer) -
 def test_overfits_a_small_dataset(policy_type: str, buffer: ReplayBuffer) -> None:
     torch.manual_seed(0)
     policy = build(policy_type, buffer)
-    batch = batch_of(policy, buffer, list(range(0, 96, 6)))  # 16 windows from 4 episodes
+    per_episode = 24 - (policy.config.observation_offsets[-1])  # anchors of each 24-step episode
+    batch = batch_of(policy, buffer, list(range(0, 4 * per_episode, max(1, per_episode // 4))))
 
     def fixed_noise_loss() -> float:
         torch.manual_seed(1234)  # the same times and noise before and after training

@@ -89,7 +89,14 @@ def require_keys(buffer: ReplayBuffer, keys: Sequence[str], setting: str) -> Non
 
 
 class WindowedDataset(Dataset[dict[str, torch.Tensor]]):
-    """One sample per step of the selected episodes, gathered at fixed time offsets with edge padding."""
+    """Samples anchored at the steps of the selected episodes, gathered at fixed time offsets with edge
+    padding.
+
+    Every step is an anchor, except that an observation window reaching past the anchor (the causal
+    policies' trajectory windows, offsets 0..W-1) is not anchored where it would run past the
+    episode's end: those windows would be mostly padding, masked out of the loss, i.e. wasted compute.
+    An episode shorter than the window keeps one anchor, at its first step.
+    """
 
     def __init__(
         self,
@@ -114,11 +121,13 @@ class WindowedDataset(Dataset[dict[str, torch.Tensor]]):
         # Low-dimensional arrays are small: keep them in memory; images are read per window from zarr.
         buffer.cache([key for key in [*self.obs_keys, action_key] if key not in self._images])
 
+        reach = max(0, int(self.obs_offsets.max()))  # how far past its anchor a window's observations go
         starts, ends, anchors = [], [], []
         for episode in self.episode_ids:
             span = buffer.episode_slice(int(episode))
-            length = span.stop - span.start
-            anchors.append(np.arange(span.start, span.stop, dtype=np.int64))
+            last_anchor = max(span.start, span.stop - 1 - reach)
+            length = last_anchor + 1 - span.start
+            anchors.append(np.arange(span.start, last_anchor + 1, dtype=np.int64))
             starts.append(np.full(length, span.start, dtype=np.int64))
             ends.append(np.full(length, span.stop, dtype=np.int64))
         empty = np.zeros(0, dtype=np.int64)
