@@ -20,7 +20,7 @@ from scd_policy.cli.common import setup_logging
 
 log = logging.getLogger("scd_policy.demo")
 
-DEFAULT_TASK = "reach_around"
+DEFAULT_TASK = "memory_cue"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
             f"dataset={dataset}",
             f"out={run_dir}",
             f"size={args.size}",
+            # Trajectory windows long enough to hold a memory_cue episode from cue to decision.
+            "policy.train_window=32",
+            "policy.context_window=32",
             f"train.steps={args.steps}",
-            "train.batch_size=64",
+            "train.batch_size=32",
             "train.warmup_steps=100",
             "train.log_every=50",
             f"train.val_every={max(1, args.steps // 4)}",

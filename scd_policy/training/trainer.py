@@ -86,7 +86,6 @@ def _make_loader(
         shuffle=False,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        drop_last=sampler is None,
         # The loader draws worker seeds from this generator, not from the global RNG, whose state is
         # checkpointed: a resumed run then continues the exact random stream of the interrupted one.
         generator=torch.Generator().manual_seed(0),
@@ -109,7 +108,7 @@ def validation_loss(policy: Policy, dataset: WindowedDataset, batch_size: int, d
                 break
             loss, _ = policy.compute_loss(_to_device(batch, device))
             losses.append(float(loss))
-    return float(sum(losses) / max(1, len(losses)))
+    return float(sum(losses) / len(losses)) if losses else math.nan
 
 
 def train(cfg: ExperimentConfig, run_dir: Path, rollout_fn: RolloutFn | None = None) -> Path:
