@@ -1,8 +1,8 @@
 """Rollout evaluation: run a policy through the deployment runtime in parallel MuJoCo environments.
 
 Episodes are seeded from a fixed list: for evaluation seed ``s`` and episode ``i`` the environment is
-reset with ``s * 1_000_003 + i`` and the policy's sampling noise is seeded with ``s``, so two runs of
-the same checkpoint give the same numbers. Success rate is reported per seed and as mean and standard
+reset with ``EVAL_SEED_BASE + s * 1_000_003 + i`` and the policy's sampling noise is seeded with ``s``,
+so two runs of the same checkpoint give the same numbers. Success rate is reported per seed and as mean and standard
 deviation over seeds (the spread the anchors report).
 """
 
@@ -28,6 +28,9 @@ from scd_policy.runtime import SCDPolicy
 log = logging.getLogger(__name__)
 
 EPISODE_SEED_STRIDE = 1_000_003  # keeps the episode seeds of different evaluation seeds disjoint
+# Demonstrations are collected from seed 0 upwards (scd-collect); evaluation episodes start far above,
+# so a policy is never scored on the initial states it was trained on.
+EVAL_SEED_BASE = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def _run_seed(
         for env_id in np.flatnonzero(mask):
             if next_episode < episodes:
                 episode_of[env_id] = next_episode
-                seeds[env_id] = seed * EPISODE_SEED_STRIDE + next_episode
+                seeds[env_id] = EVAL_SEED_BASE + seed * EPISODE_SEED_STRIDE + next_episode
                 next_episode += 1
             else:
                 episode_of[env_id] = -1
