@@ -78,6 +78,9 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     def is_success(self) -> bool:
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Update task variables once the physics has advanced (before observation, reward and info)."""
+
     def is_failure(self) -> bool:
         """True when the episode has failed irrecoverably (it then terminates without success)."""
         return False
@@ -109,6 +112,7 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.apply_action(action)
         mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
         self._steps += 1
+        self.after_step()
         info = self._info()
         terminated = bool(info["success"]) or self.is_failure()
         return self._observation(), float(self.get_reward()), terminated, False, info

@@ -89,9 +89,8 @@ class MemoryCueEnv(MujocoTaskEnv):
         # The observation after this step has index steps + 1; the pads must look right in it.
         self._show_cue(self._steps + 1 < CUE_STEPS)
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = super().step(action)
-        return obs, reward, terminated or self.at_wrong_pad(), truncated, info
+    def is_failure(self) -> bool:
+        return self.at_wrong_pad()  # the wrong pad ends the episode as a failure
 
     def get_state(self) -> np.ndarray:
         cue = np.zeros(2)

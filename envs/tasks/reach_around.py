@@ -76,15 +76,10 @@ class ReachAroundEnv(MujocoTaskEnv):
     def apply_action(self, action: np.ndarray) -> None:
         self.data.ctrl[:] = action * MAX_SPEED
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = super().step(action)
+    def after_step(self) -> None:
         # The side is decided by where the puck first passes the obstacle's far edge.
-        if self._passed_side == 0:
-            puck = self.puck_xy
-            if puck[1] > OBSTACLE_HALF_THICKNESS:
-                self._passed_side = -1 if puck[0] < 0.0 else 1
-                info.update(self.task_info())
-        return obs, reward, terminated, truncated, info
+        if self._passed_side == 0 and self.puck_xy[1] > OBSTACLE_HALF_THICKNESS:
+            self._passed_side = -1 if self.puck_xy[0] < 0.0 else 1
 
     def get_state(self) -> np.ndarray:
         return np.concatenate([self.pusher_xy, self.puck_xy, self.goal_xy]).astype(np.float32)
