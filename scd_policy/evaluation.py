@@ -2,8 +2,8 @@
 
 Episodes are seeded from a fixed list: for evaluation seed ``s`` and episode ``i`` the environment is
 reset with ``EVAL_SEED_BASE + s * 1_000_003 + i`` and the policy's sampling noise is seeded with ``s``,
-so two runs of the same checkpoint give the same numbers. Success rate is reported per seed and as mean and standard
-deviation over seeds (the spread the anchors report).
+so two runs of the same checkpoint give the same numbers. Success rate is reported per seed and as
+mean and standard deviation over seeds (the spread the anchors report).
 """
 
 from __future__ import annotations
