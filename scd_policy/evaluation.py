@@ -84,8 +84,15 @@ def evaluate(
     n_envs = min(cfg.n_envs, cfg.episodes)
     record = cfg.videos > 0 and video_dir is not None
     env_fns = [settings.env_fn(cfg.video_size if (record and i == 0) else None) for i in range(n_envs)]
-    vector_cls = gym.vector.AsyncVectorEnv if n_envs > 1 else gym.vector.SyncVectorEnv
-    envs = vector_cls(env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    envs: gym.vector.AsyncVectorEnv | gym.vector.SyncVectorEnv
+    if n_envs > 1:
+        # "spawn", not fork: a forked child inherits this process's EGL/OpenGL state (from any earlier
+        # rendering here) and its first render can hang.
+        envs = gym.vector.AsyncVectorEnv(
+            env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED, context="spawn"
+        )
+    else:
+        envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
     obs_keys = list(policy.config.input_shapes)
     per_seed: list[dict[str, Any]] = []
     latencies: list[float] = []
