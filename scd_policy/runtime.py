@@ -95,6 +95,7 @@ def select_streams(context: StepContext, rows: Tensor) -> StepContext:
         key_steps=context.key_steps,
         token_valid=None if context.token_valid is None else context.token_valid[rows],
         n_steps=context.n_steps,
+        first_step=context.first_step,
     )
 
 
@@ -331,6 +332,10 @@ class SCDPolicy:
         self.steps_taken += 1
         self.latencies_ms.append(1000.0 * (time.perf_counter() - start))
         return out if batched_input else out[0]
+
+    def state_nbytes(self) -> int:
+        """Bytes held by the per-stream history state (the causal policies' KV cache; 0 otherwise)."""
+        return 0 if self._cache is None else self._cache.nbytes()
 
     def latency_stats(self, warmup: int = 5) -> dict[str, float]:
         """Per-step latency in ms (p50, p90, p99, mean, max) over the kept steps, skipping the first

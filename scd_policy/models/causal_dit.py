@@ -15,7 +15,9 @@ in one call, each attending to its own prefix of the history.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -26,31 +28,42 @@ from scd_policy.models.layers import (
     ChunkEmbedding,
     FinalLayer,
     Modulation,
+    SharedBlockModulation,
+    SharedModulations,
     TimestepEmbedding,
     rope_cos_sin,
+    shared_modulations,
 )
 
 
 @dataclass(frozen=True)
 class History:
-    """An immutable view of a cache prepared for denoising: keys rotated once, not K times."""
+    """An immutable view of a cache prepared for denoising (views of the cache's buffers, which later
+    steps never write over; see ``scd_policy.models.kv_cache``)."""
 
-    keys: tuple[Tensor, ...]  # per layer (B, heads, M, head_dim), rotated to step numbers 0..n_steps-1
+    keys: tuple[Tensor, ...]  # per layer (B, heads, M, head_dim), rotated to their absolute steps
     values: tuple[Tensor, ...]
-    key_steps: Tensor  # (M,) step number of each cached token
+    key_steps: Tensor  # (M,) absolute step number of each cached token
     token_valid: Tensor | None  # (B, M) bool, None when all valid
     n_steps: int
+    first_step: int = 0  # absolute step number of the oldest cached step
+
+    @property
+    def last_step(self) -> int:
+        """Absolute step number of the newest cached step (where its chunk's tokens are placed)."""
+        return self.first_step + self.n_steps - 1
 
     @classmethod
     def from_cache(cls, cache: KVCache) -> History:
         if cache.n_steps == 0:
             raise ValueError("the history is empty: encode at least one step before denoising")
         return cls(
-            keys=tuple(cache.rotated_keys(i) for i in range(cache.n_layers)),
+            keys=tuple(cache.keys),
             values=tuple(cache.values),
             key_steps=cache.key_steps(),
             token_valid=cache.token_valid(),
             n_steps=cache.n_steps,
+            first_step=cache.first_step,
         )
 
 
@@ -84,22 +97,38 @@ class CausalDiffusionTransformer(nn.Module):
         mod = self.modulation(self.history_cond).view(1, 1, -1, d)  # (1, 1, 6, D)
         x = tokens.reshape(b, t * s, d)
         plan = cache.begin(t, s, b, self.head_dim, x.device)
-        new_keys, new_values = [], []
         for index, block in enumerate(self.blocks):
             # The last layer's history outputs feed nothing, but computing them keeps one code path
             # and costs little next to the K chunk passes.
-            x, k, v = block(x, mod, rope=plan.rope, prefix=cache.prefix(index, plan), mask=plan.mask)
-            new_keys.append(k)
-            new_values.append(v)
-        cache.append(new_keys, new_values, plan)
+            x, _, _ = block(x, mod, rope=plan.rope, extend=partial(cache.extend, index), mask=plan.mask)
+        cache.commit(plan)
 
     def denoise(self, x_t: Tensor, t: Tensor, history: History, step: Tensor) -> Tensor:
         """Chunks x_t (B, G, H, Da) at noise levels t (B, G); chunk g of stream b belongs to history step
-        ``step[g]`` (G,) and sees that stream's cached steps <= step[g]. Returns (B, G, H, Da)."""
+        ``step[g]`` (G,) (absolute step numbers, see ``History.key_steps``) and sees that stream's cached
+        steps <= step[g]. Returns (B, G, H, Da)."""
         b, g, h, _ = x_t.shape
         cond = self.time_embed(t.reshape(b * g))  # (B*G, D)
         mod = self.modulation(cond).unsqueeze(1)  # (B*G, 1, 6, D)
-        x = self.chunk_embed(x_t.reshape(b * g, h, -1))  # (B*G, H, D)
+        attend = self.attention_inputs(history, step, b, h)
+        return self._layers(x_t, [mod] * len(self.blocks), cond, attend)
+
+    def prepare(self, times: Tensor) -> SharedModulations:
+        """The modulation of every block at the K sampling times (K,), for ``denoise_prepared``."""
+        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
+
+    def denoise_prepared(
+        self, x_t: Tensor, shared: SharedModulations, k: int, attend: AttentionInputs
+    ) -> Tensor:
+        """``denoise`` at the k-th prepared noise level (every row), with the history's attention inputs
+        prepared once per sampling run (``attention_inputs``)."""
+        mods = [shared.block(k, index) for index in range(len(self.blocks))]
+        return self._layers(x_t, mods, shared.final_layer(k), attend)
+
+    def attention_inputs(self, history: History, step: Tensor, b: int, h: int) -> AttentionInputs:
+        """What the chunk tokens' attention needs and what does not change over the denoising steps:
+        RoPE tables at their step, the mask over history + own tokens, per-layer history keys/values."""
+        g = step.shape[0]
         # Chunk tokens sit at their step's position: relative position 0 to that step's observations.
         cos, sin = rope_cos_sin(step[:, None].expand(g, h), self.head_dim)  # (G, 1, H, hd)
         rope = (cos.repeat(b, 1, 1, 1), sin.repeat(b, 1, 1, 1))  # (B*G, 1, H, hd), b-major like x
@@ -109,17 +138,41 @@ class CausalDiffusionTransformer(nn.Module):
             hist_mask = hist_mask & history.token_valid[:, None, :]
         mask: Tensor | None = None
         if not bool(hist_mask.all()):
-            own = torch.ones(b, g, h, dtype=torch.bool, device=x.device)
+            own = torch.ones(b, g, h, dtype=torch.bool, device=step.device)
             mask = torch.cat([hist_mask, own], dim=2).reshape(b * g, 1, 1, -1)
         m = history.key_steps.shape[0]
-        for index, block in enumerate(self.blocks):
+        prefixes = []
+        for index in range(len(self.blocks)):
             # Every chunk group reads its stream's history keys/values: (B, h, M, hd) -> (B*G, h, M, hd).
             keys = history.keys[index][:, None].expand(b, g, self.n_heads, m, self.head_dim)
             values = history.values[index][:, None].expand(b, g, self.n_heads, m, self.head_dim)
-            prefix = (
-                keys.reshape(b * g, self.n_heads, m, self.head_dim),
-                values.reshape(b * g, self.n_heads, m, self.head_dim),
+            prefixes.append(
+                (
+                    keys.reshape(b * g, self.n_heads, m, self.head_dim),
+                    values.reshape(b * g, self.n_heads, m, self.head_dim),
+                )
             )
-            x, _, _ = block(x, mod, rope=rope, prefix=prefix, mask=mask)
-        out: Tensor = self.final(x, cond)
+        return AttentionInputs(rope=rope, mask=mask, prefixes=tuple(prefixes))
+
+    def _layers(
+        self,
+        x_t: Tensor,
+        mods: Sequence[Tensor | SharedBlockModulation],
+        final_cond: Tensor | tuple[Tensor, Tensor],
+        attend: AttentionInputs,
+    ) -> Tensor:
+        b, g, h, _ = x_t.shape
+        x = self.chunk_embed(x_t.reshape(b * g, h, -1))  # (B*G, H, D)
+        for block, mod, prefix in zip(self.blocks, mods, attend.prefixes, strict=True):
+            x, _, _ = block(x, mod, rope=attend.rope, prefix=prefix, mask=attend.mask)
+        out: Tensor = self.final(x, final_cond)
         return out.view(b, g, h, -1)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The chunk tokens' attention inputs for one history (constant over a sampling run)."""
+
+    rope: tuple[Tensor, Tensor]  # (B*G, 1, H, hd)
+    mask: Tensor | None  # (B*G, 1, 1, M + H) bool, None when everything is visible
+    prefixes: tuple[tuple[Tensor, Tensor], ...]  # per layer history keys/values (B*G, h, M, hd)

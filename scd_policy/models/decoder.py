@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from scd_policy.models.layers import AdaLNBlock, ChunkEmbedding, FinalLayer, Modulation, TimestepEmbedding
+from scd_policy.models.layers import (
+    AdaLNBlock,
+    ChunkEmbedding,
+    FinalLayer,
+    Modulation,
+    SharedModulations,
+    TimestepEmbedding,
+    shared_modulations,
+)
 
 
 class DiffusionDecoder(nn.Module):
@@ -36,12 +44,33 @@ class DiffusionDecoder(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.final = FinalLayer(d_model, action_dim)
 
-    def forward(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """x_t (N, H, Da), t (N,) in [0, 1], context (N, n_ctx, D) -> prediction (N, H, Da)."""
+    def prepare(self, times: Tensor) -> SharedModulations:
+        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
+        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor | None,
+        context: Tensor,
+        shared: SharedModulations | None = None,
+        step: int = 0,
+    ) -> Tensor:
+        """x_t (N, H, Da), t (N,) in [0, 1], context (N, n_ctx, D) -> prediction (N, H, Da).
+
+        With ``shared`` (from ``prepare``) the noise level is the ``step``-th of the prepared times for
+        every row, and ``t`` is not read: the time embedding and modulations are not recomputed."""
+        x = torch.cat([context + self.context_embed, self.chunk_embed(x_t)], dim=1)  # (N, n_ctx + H, D)
+        if shared is not None:
+            for index, block in enumerate(self.blocks):
+                x, _, _ = block(x, shared.block(step, index))
+            out: Tensor = self.final(x[:, self.n_context_tokens :], shared.final_layer(step))
+            return out
+        if t is None:
+            raise ValueError("DiffusionDecoder.forward needs t (N,) unless prepared modulations are given")
         cond = self.time_embed(t)  # (N, D)
         mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D): the same for every token
-        x = torch.cat([context + self.context_embed, self.chunk_embed(x_t)], dim=1)  # (N, n_ctx + H, D)
         for block in self.blocks:
             x, _, _ = block(x, mod)
-        out: Tensor = self.final(x[:, self.n_context_tokens :], cond)
+        out = self.final(x[:, self.n_context_tokens :], cond)
         return out

@@ -12,6 +12,8 @@ whole history when priming) and returns their contexts, identical to a full pass
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -52,11 +54,8 @@ class CausalEncoder(nn.Module):
         x = x.reshape(b, t * per_step, d)
         cache = cache if cache is not None else self.new_cache(None)
         plan = cache.begin(t, per_step, b, self.head_dim, x.device)
-        new_keys, new_values = [], []
         for index, block in enumerate(self.blocks):
-            x, k, v = block(x, rope=plan.rope, prefix=cache.prefix(index, plan), mask=plan.mask)
-            new_keys.append(k)
-            new_values.append(v)
-        cache.append(new_keys, new_values, plan)
+            x, _, _ = block(x, rope=plan.rope, extend=partial(cache.extend, index), mask=plan.mask)
+        cache.commit(plan)
         out: Tensor = self.norm(x).view(b, t, per_step, d)
         return out[:, :, s:]  # the query slots' outputs

@@ -8,9 +8,11 @@ scores depend only on relative positions). A runtime that would rather not carry
 one cache per environment (B = 1).
 
 Sliding window (``max_steps`` = N). Every layer of a step attends to the last N steps (its own
-included): sliding-window attention, as in Mistral. Keys are stored *unrotated*; each call renumbers the
-retained steps 0..n_steps-1 and rotates their keys on the fly, so positions never grow with the episode
-and the scores a step sees depend only on step differences. Consequences, all tested:
+included): sliding-window attention, as in Mistral. Keys are stored *already rotated* to their step's
+absolute number (``first_step`` counts the evicted steps; angles are computed in float64, so they stay
+exact however long the episode runs). RoPE scores depend only on step differences, so a query rotated
+to its own absolute step sees exactly the scores a renumbering from 0 would give, and nothing cached
+is ever re-rotated. Consequences, all tested:
 
 - stepping one step at a time with eviction equals one pass over the *whole* history with the
   N-step window mask (``begin`` builds that mask for multi-step calls too), so a streaming runtime and
@@ -20,6 +22,14 @@ and the scores a step sees depend only on step differences. Consequences, all te
   information from up to L * N steps back can reach the newest step (the receptive field of any
   sliding-window transformer). Exact "fresh pass over the last N steps" would mean re-encoding N steps
   per control step, which is what the cache exists to avoid.
+
+Storage: per layer one preallocated buffer (B, heads, capacity, head_dim) holding the kept tokens as a
+contiguous slice. A call writes its new keys/values right after that slice (``extend``) and attends over
+a view of buffer + new tokens, so a control step costs O(new tokens), not a copy of the whole window.
+When the buffer is full, the kept tokens move into a *fresh* buffer of twice the window (O(window) once
+every ~window steps: amortised O(1)). Tensors handed out earlier (``keys``/``values``, a ``History``, a
+``copy()``) are never written: writes land only past every earlier view's end, and a shared buffer is
+re-allocated before it is written.
 """
 
 from __future__ import annotations
@@ -30,22 +40,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scd_policy.models.layers import apply_rope, rope_cos_sin
+from scd_policy.models.layers import rope_cos_sin
+
+# Smallest buffer (in tokens) for caches without a window, which grow by doubling.
+_MIN_CAPACITY = 64
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """What the layers of one call need: rotations for the new and the cached tokens, and the mask."""
+    """What the layers of one call need: rotations for the new tokens, and the mask."""
 
-    rope: tuple[Tensor, Tensor]  # for the new tokens, (1, N_new, head_dim)
-    prefix_rope: tuple[Tensor, Tensor] | None  # for the cached tokens, (1, M, head_dim)
+    rope: tuple[Tensor, Tensor]  # for the new tokens at their absolute steps, (1, N_new, head_dim)
     mask: Tensor | None  # bool (B, 1, N_new, M + N_new); None when every key is visible to every query
     n_old_steps: int
     n_new_steps: int
 
 
 class KVCache:
-    """Per-layer keys/values (B, heads, n_steps * tokens_per_step, head_dim) of the last steps."""
+    """Per-layer keys (rotated) and values (B, heads, n_steps * tokens_per_step, head_dim) of the last
+    steps, in preallocated buffers (see the module docstring)."""
 
     def __init__(self, n_layers: int, max_steps: int | None = None) -> None:
         if n_layers < 1:
@@ -54,32 +67,74 @@ class KVCache:
             raise ValueError(f"max_steps must be >= 1 (or None for unbounded), got {max_steps}")
         self.n_layers = n_layers
         self.max_steps = max_steps
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
         self.valid: Tensor | None = None  # (B, n_steps) bool: False for steps of a reset stream
         self.n_steps = 0
+        self.first_step = 0  # absolute step number of the oldest kept step (RoPE position)
         self.tokens_per_step = 0
+        self._k: list[Tensor] = []  # per layer (B, heads, capacity, head_dim)
+        self._v: list[Tensor] = []
+        self._start = 0  # kept tokens: buffer[:, :, start:end]
+        self._end = 0
+        self._shared = False  # buffers shared with a copy(): re-allocate before writing
+        self._all_valid = True  # no kept step of a reset stream (skips mask work)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def keys(self) -> list[Tensor]:
+        """Per layer, the kept keys rotated to their absolute steps, (B, heads, M, head_dim)."""
+        return [k[:, :, self._start : self._end] for k in self._k]
+
+    @property
+    def values(self) -> list[Tensor]:
+        """Per layer, the kept values, (B, heads, M, head_dim)."""
+        return [v[:, :, self._start : self._end] for v in self._v]
 
     @property
     def batch_size(self) -> int | None:
         return None if self.valid is None else int(self.valid.shape[0])
 
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers (allocated capacity) and validity flags."""
+        tensors = [*self._k, *self._v, *([] if self.valid is None else [self.valid])]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def copy(self) -> KVCache:
-        """A snapshot: later appends/evictions of this cache do not change it (tensors are shared, never
-        written in place)."""
+        """A snapshot: later appends/evictions of this cache (or of the copy) do not change the other."""
         other = copy.copy(self)
-        other.keys, other.values = list(self.keys), list(self.values)
+        other._k, other._v = list(self._k), list(self._v)
+        self._shared = other._shared = True
         return other
+
+    def key_steps(self) -> Tensor:
+        """Absolute step number of every cached token, (n_steps * tokens_per_step,)."""
+        device = self._k[0].device if self._k else None
+        steps = torch.arange(self.first_step, self.first_step + self.n_steps, device=device)
+        return steps.repeat_interleave(self.tokens_per_step)
+
+    def token_valid(self) -> Tensor | None:
+        """(B, n_steps * tokens_per_step) bool, or None when every cached token is valid."""
+        if self.valid is None or self._all_valid:
+            return None
+        if bool(self.valid.all()):
+            self._all_valid = True
+            return None
+        return self.valid.repeat_interleave(self.tokens_per_step, dim=1)
+
+    # ------------------------------------------------------------------ resets and eviction
 
     def reset(self, streams: Tensor | None = None) -> None:
         """Forget the history of all streams (None) or of the streams where ``streams`` (B,) is True."""
         if streams is None or self.valid is None:
-            self.keys, self.values, self.valid = [], [], None
-            self.n_steps = 0
+            self._k, self._v, self.valid = [], [], None
+            self._start = self._end = 0
+            self.n_steps = self.first_step = 0
+            self._shared, self._all_valid = False, True
             return
         if streams.shape != (self.valid.shape[0],) or streams.dtype != torch.bool:
             raise ValueError(f"reset(streams) expects a bool tensor of shape ({self.valid.shape[0]},)")
         self.valid = self.valid & ~streams.to(self.valid.device)[:, None]
+        self._all_valid = False
         if not bool(self.valid.any()):
             self.reset()
 
@@ -91,23 +146,13 @@ class KVCache:
         if drop == self.n_steps:
             self.reset()
             return
-        start = drop * self.tokens_per_step
-        self.keys = [k[:, :, start:] for k in self.keys]
-        self.values = [v[:, :, start:] for v in self.values]
         assert self.valid is not None
+        self._start += drop * self.tokens_per_step
         self.valid = self.valid[:, drop:]
         self.n_steps -= drop
+        self.first_step += drop
 
-    def key_steps(self) -> Tensor:
-        """Step number (0 = oldest kept) of every cached token, (n_steps * tokens_per_step,)."""
-        device = self.keys[0].device if self.keys else None
-        return torch.arange(self.n_steps, device=device).repeat_interleave(self.tokens_per_step)
-
-    def token_valid(self) -> Tensor | None:
-        """(B, n_steps * tokens_per_step) bool, or None when every cached token is valid."""
-        if self.valid is None or bool(self.valid.all()):
-            return None
-        return self.valid.repeat_interleave(self.tokens_per_step, dim=1)
+    # ------------------------------------------------------------------ a call that appends steps
 
     def begin(
         self, n_new_steps: int, tokens_per_step: int, batch_size: int, head_dim: int, device: torch.device
@@ -125,52 +170,78 @@ class KVCache:
         self.tokens_per_step = tokens_per_step
         n_old = self.n_steps
         q_step = torch.arange(n_old, n_old + n_new_steps, device=device).repeat_interleave(tokens_per_step)
+        rope = rope_cos_sin(q_step + self.first_step, head_dim)
+        old_valid = self.token_valid()
+        if n_new_steps == 1 and old_valid is None:
+            # One new step, every kept step visible (the eviction above keeps it inside the window).
+            return StepPlan(rope=rope, mask=None, n_old_steps=n_old, n_new_steps=1)
         k_step = torch.arange(n_old + n_new_steps, device=device).repeat_interleave(tokens_per_step)
         allowed = k_step[None, :] <= q_step[:, None]  # (N_new, M + N_new): causal across steps
         if self.max_steps is not None:
             allowed = allowed & (k_step[None, :] > q_step[:, None] - self.max_steps)
         mask = allowed[None, None]  # (1, 1, N_new, M + N_new)
-        old_valid = self.token_valid()
         if old_valid is not None:
             new_valid = torch.ones(batch_size, n_new_steps * tokens_per_step, dtype=torch.bool, device=device)
             mask = mask & torch.cat([old_valid.to(device), new_valid], dim=1)[:, None, None, :]
-        rope = rope_cos_sin(q_step, head_dim)
-        prefix_rope = rope_cos_sin(k_step[: n_old * tokens_per_step], head_dim) if n_old else None
         return StepPlan(
             rope=rope,
-            prefix_rope=prefix_rope,
             mask=None if bool(mask.all()) else mask,
             n_old_steps=n_old,
             n_new_steps=n_new_steps,
         )
 
-    def prefix(self, layer: int, plan: StepPlan) -> tuple[Tensor, Tensor] | None:
-        """Cached keys (rotated to this call's step numbers) and values of one layer, or None if empty."""
-        if plan.n_old_steps == 0:
-            return None
-        assert plan.prefix_rope is not None
-        return apply_rope(self.keys[layer], *plan.prefix_rope), self.values[layer]
+    def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one layer's new keys (rotated) and values (B, heads, N_new, head_dim) after the kept
+        tokens; return the keys/values to attend over, kept + new (B, heads, M + N_new, head_dim).
+        ``commit`` then makes the new tokens part of the cache."""
+        n_new = keys.shape[2]
+        if layer == 0:
+            self._reserve(keys, n_new)
+        if self._start == self._end and len(self._k) <= layer:
+            # Empty cache: the new tensors themselves become the buffers (no copy; a training pass
+            # stays free of in-place writes). The next call moves them into a real buffer.
+            self._k.append(keys)
+            self._v.append(values)
+            return keys, values
+        stop = self._end + n_new
+        self._k[layer][:, :, self._end : stop] = keys
+        self._v[layer][:, :, self._end : stop] = values
+        return self._k[layer][:, :, self._start : stop], self._v[layer][:, :, self._start : stop]
 
-    def rotated_keys(self, layer: int) -> Tensor:
-        """Cached keys of one layer rotated to step numbers 0..n_steps-1, (B, heads, M, head_dim)."""
-        k = self.keys[layer]
-        return apply_rope(k, *rope_cos_sin(self.key_steps(), k.shape[-1]))
-
-    def append(self, keys: list[Tensor], values: list[Tensor], plan: StepPlan) -> None:
-        """Store the new steps' per-layer keys/values (B, heads, N_new, head_dim), then trim to max_steps."""
-        if len(keys) != self.n_layers or len(values) != self.n_layers:
-            raise ValueError(
-                f"expected keys/values for {self.n_layers} layers, got {len(keys)}/{len(values)}"
-            )
-        batch, device = keys[0].shape[0], keys[0].device
+    def commit(self, plan: StepPlan) -> None:
+        """Count the new steps written by ``extend`` (every layer), then trim to max_steps."""
+        if len(self._k) != self.n_layers:
+            raise ValueError(f"expected keys/values for {self.n_layers} layers, got {len(self._k)}")
+        batch, device = self._k[0].shape[0], self._k[0].device
         new_valid = torch.ones(batch, plan.n_new_steps, dtype=torch.bool, device=device)
-        if self.n_steps == 0:
-            self.keys, self.values, self.valid = list(keys), list(values), new_valid
-        else:
-            assert self.valid is not None
-            self.keys = [torch.cat([old, new], dim=2) for old, new in zip(self.keys, keys, strict=True)]
-            self.values = [torch.cat([old, new], dim=2) for old, new in zip(self.values, values, strict=True)]
-            self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self.valid = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=1)
+        self._end += plan.n_new_steps * self.tokens_per_step
         self.n_steps += plan.n_new_steps
         if self.max_steps is not None:
             self.evict(self.max_steps)
+
+    def _reserve(self, like: Tensor, n_new: int) -> None:
+        """Make room for ``n_new`` tokens after the kept ones in every layer's buffer: move the kept
+        tokens into fresh buffers when the current ones are full or shared with a copy."""
+        kept = self._end - self._start
+        if kept == 0:
+            self._k, self._v, self._start, self._end, self._shared = [], [], 0, 0, False
+            return
+        if not self._shared and self._end + n_new <= self._k[0].shape[2]:
+            return
+        if self.max_steps is not None:
+            capacity = max(kept + n_new, 2 * self.max_steps * self.tokens_per_step)
+        else:
+            capacity = max(kept + n_new, 2 * kept, _MIN_CAPACITY)
+        b, h, _, d = like.shape
+
+        def moved(buffers: list[Tensor]) -> list[Tensor]:
+            out = []
+            for old in buffers:
+                new = like.new_empty(b, h, capacity, d)
+                new[:, :, :kept] = old[:, :, self._start : self._end]
+                out.append(new)
+            return out
+
+        self._k, self._v = moved(self._k), moved(self._v)
+        self._start, self._end, self._shared = 0, kept, False

@@ -3,7 +3,8 @@
 - ``rope_cos_sin`` / ``apply_rope``: rotary position embedding (rotate-half form). Attention scores then
   depend only on the *difference* of two positions, which is what makes a sliding KV-cache window exact.
 - ``Attention``: multi-head self-attention over ``F.scaled_dot_product_attention`` that can prepend a
-  prefix of cached keys/values and returns its own (unrotated) keys/values for a cache.
+  prefix of cached keys/values, or hand its (rotated) keys/values to a cache that returns what to attend
+  over (``extend``, see ``KVCache.extend``).
 - ``Block``: pre-norm transformer block (the causal encoder).
 - ``AdaLNBlock``: DiT-style block whose norms are modulated by the noise level (AdaLN-Zero). The
   modulation network is shared by all blocks of a stack (``Modulation``, the "adaLN-single" variant of
@@ -17,10 +18,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Called with a layer's new keys (rotated) and values (B, heads, N, hd); returns the keys/values to attend
+# over (cached + new), e.g. ``functools.partial(cache.extend, layer)``.
+KVExtend = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 ROPE_BASE = 10_000.0
 
@@ -32,10 +40,11 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float = ROPE_BASE) -> t
     (B, heads, N, head_dim) tensors.
     """
     half = head_dim // 2
-    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., N, half)
+    # float64 angles: positions are absolute step numbers (KV cache), exact however long an episode is.
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float64) / half)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (..., N, half)
     angles = torch.cat([angles, angles], dim=-1).unsqueeze(-3)  # (..., 1, N, head_dim)
-    return angles.cos(), angles.sin()
+    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -58,7 +67,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        out: Tensor = self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        if self.training and self.dropout.p > 0:  # skip a no-op module call at inference
+            out = self.dropout(out)
         return out
 
 
@@ -81,29 +92,31 @@ class Attention(nn.Module):
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         prefix: tuple[Tensor, Tensor] | None = None,
+        extend: KVExtend | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, D) -> (out (B, N, D), k (B, h, N, hd) unrotated, v (B, h, N, hd)).
+        """x (B, N, D) -> (out (B, N, D), the new tokens' keys (B, h, N, hd) rotated, values).
 
         rope: cos/sin for the N new tokens (see ``rope_cos_sin``); applied to q and the new k.
         prefix: keys (already rotated to their positions) and values (B, h, M, hd) placed before the
-        new tokens. mask: bool (B or 1, 1, N, M + N), True where a query may attend to a key.
+        new tokens (not stored anywhere). extend: a cache's writer instead (see ``KVExtend``), which
+        stores the new keys/values and returns cached + new. mask: bool (B or 1, 1, N, M + N), True
+        where a query may attend to a key.
         """
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        # The cache keeps keys unrotated, so positions can be renumbered when old steps are evicted.
-        k_raw = k
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if prefix is not None:
-            k = torch.cat([prefix[0], k], dim=2)
-            v_all = torch.cat([prefix[1], v], dim=2)
+        if extend is not None:
+            k_all, v_all = extend(k, v)
+        elif prefix is not None:
+            k_all, v_all = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
         else:
-            v_all = v
+            k_all, v_all = k, v
         out = F.scaled_dot_product_attention(
-            q, k, v_all, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            q, k_all, v_all, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, h, N, hd)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d)), k_raw, v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), k, v
 
 
 class Block(nn.Module):
@@ -122,13 +135,13 @@ class Block(nn.Module):
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         prefix: tuple[Tensor, Tensor] | None = None,
+        extend: KVExtend | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # x: (B, N, D) -> (B, N, D), plus this layer's new keys/values for the cache
-        h, k, v = self.attn(self.norm1(x), rope=rope, prefix=prefix, mask=mask)
+        # x: (B, N, D) -> (B, N, D), plus this layer's new keys (rotated) / values; ``extend`` caches them
+        h, k, v = self.attn(self.norm1(x), rope=rope, prefix=prefix, extend=extend, mask=mask)
         x = x + h
-        x = x + self.mlp(self.norm2(x))
-        return x, k, v
+        return x + self.mlp(self.norm2(x)), k, v
 
 
 N_MODULATIONS = 6  # shift/scale/gate for attention, shift/scale/gate for the MLP
@@ -149,6 +162,11 @@ class Modulation(nn.Module):
         return out.view(*cond.shape[:-1], self.n_outputs, cond.shape[-1])
 
 
+# One block's modulation at one denoising step, shared by every row of the batch (at sampling time every
+# row is at the same noise level): (1 + scale1, shift1, gate1, 1 + scale2, shift2, gate2), each (D,).
+SharedBlockModulation = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
 class AdaLNBlock(nn.Module):
     """DiT block with AdaLN-Zero: norms without affine parameters, modulated by the noise level.
 
@@ -167,15 +185,33 @@ class AdaLNBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        mod: Tensor,
+        mod: Tensor | SharedBlockModulation,
         *,
         rope: tuple[Tensor, Tensor] | None = None,
         prefix: tuple[Tensor, Tensor] | None = None,
+        extend: KVExtend | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        # x: (B, N, D), mod: (B|1, N|1, 6, D) -> (B, N, D), plus new keys/values
+        # x: (B, N, D), mod: (B|1, N|1, 6, D) or this block's SharedBlockModulation (from
+        # ``shared_modulations``) -> (B, N, D), plus new keys (rotated) / values
+        if isinstance(mod, tuple):
+            # The modulation folds into layer_norm's affine parameters: one op instead of four.
+            d = x.shape[-1]
+            weight1, shift1, gate1, weight2, shift2, gate2 = mod
+            h, k, v = self.attn(
+                F.layer_norm(x, (d,), weight1, shift1, self.norm1.eps),
+                rope=rope,
+                prefix=prefix,
+                extend=extend,
+                mask=mask,
+            )
+            x = torch.addcmul(x, gate1, h)
+            x = torch.addcmul(x, gate2, self.mlp(F.layer_norm(x, (d,), weight2, shift2, self.norm2.eps)))
+            return x, k, v
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.mod_table).unbind(dim=-2)
-        h, k, v = self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope, prefix=prefix, mask=mask)
+        h, k, v = self.attn(
+            modulate(self.norm1(x), shift1, scale1), rope=rope, prefix=prefix, extend=extend, mask=mask
+        )
         x = x + gate1 * h
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x, k, v
@@ -192,11 +228,52 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        # x: (B, N, D), cond: (B, D) -> (B, N, out_dim)
+    def forward(self, x: Tensor, cond: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        # x: (B, N, D), cond: (B, D), or (1 + scale, shift) each (D,) shared by the batch -> (B, N, out_dim)
+        if isinstance(cond, tuple):
+            out: Tensor = self.linear(F.layer_norm(x, (x.shape[-1],), cond[0], cond[1], self.norm.eps))
+            return out
         shift, scale = self.modulation(cond).unsqueeze(1).unbind(dim=-2)
-        out: Tensor = self.linear(modulate(self.norm(x), shift, scale))
+        out = self.linear(modulate(self.norm(x), shift, scale))
         return out
+
+
+@dataclass(frozen=True)
+class SharedModulations:
+    """Everything the AdaLN blocks and final layer of one stack need at each of K denoising steps,
+    computed in one batched pass over the K noise levels (see ``shared_modulations``)."""
+
+    blocks: Tensor  # (K, L, 6, D): per step and block (1 + scale1, shift1, gate1, 1 + scale2, shift2, gate2)
+    final: Tensor  # (K, 2, D): (1 + scale, shift) of the final layer
+
+    def block(self, step: int, layer: int) -> SharedBlockModulation:
+        w1, b1, g1, w2, b2, g2 = self.blocks[step, layer].unbind(0)
+        return (w1, b1, g1, w2, b2, g2)
+
+    def final_layer(self, step: int) -> tuple[Tensor, Tensor]:
+        weight, shift = self.final[step].unbind(0)
+        return weight, shift
+
+
+def shared_modulations(
+    times: Tensor,
+    time_embed: TimestepEmbedding,
+    modulation: Modulation,
+    blocks: Iterable[nn.Module],
+    final: FinalLayer,
+) -> SharedModulations:
+    """The AdaLN parameters of a stack at network times ``times`` (K,), for batches whose rows share a
+    noise level (sampling): what each denoising call would otherwise recompute from t every time."""
+    cond = time_embed(times)  # (K, D)
+    table = torch.stack([cast(AdaLNBlock, block).mod_table for block in blocks])  # (L, 6, D)
+    mod = modulation(cond)[:, None] + table  # (K, L, 6, D): shift1, scale1, gate1, shift2, scale2, gate2
+    ones = torch.zeros_like(mod)
+    ones[:, :, 1] = 1.0
+    ones[:, :, 4] = 1.0
+    # Reorder to (1 + scale1, shift1, gate1, 1 + scale2, shift2, gate2).
+    per_block = (mod + ones)[:, :, [1, 0, 2, 4, 3, 5]]
+    final_shift, final_scale = final.modulation(cond).unbind(dim=-2)  # (K, D) each
+    return SharedModulations(blocks=per_block, final=torch.stack([1 + final_scale, final_shift], dim=1))
 
 
 class TimestepEmbedding(nn.Module):

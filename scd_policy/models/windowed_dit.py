@@ -16,8 +16,10 @@ from scd_policy.models.layers import (
     ChunkEmbedding,
     FinalLayer,
     Modulation,
+    SharedModulations,
     TimestepEmbedding,
     rope_cos_sin,
+    shared_modulations,
 )
 
 
@@ -40,21 +42,47 @@ class WindowedDiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.final = FinalLayer(d_model, action_dim)
 
-    def forward(self, x_t: Tensor, t: Tensor, obs_tokens: Tensor) -> Tensor:
-        """x_t (N, H, Da), t (N,), obs_tokens (N, n_obs, S, D) -> prediction (N, H, Da)."""
-        n, n_obs, s, d = obs_tokens.shape
-        h = x_t.shape[1]
-        cond = self.time_embed(t)  # (N, D)
-        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D)
-        x = torch.cat([obs_tokens.reshape(n, n_obs * s, d), self.chunk_embed(x_t)], dim=1)
+    def prepare(self, times: Tensor) -> SharedModulations:
+        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
+        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
+
+    def positions(self, n_obs: int, s: int, h: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """RoPE tables: observation tokens by step, the chunk at the current (last) step."""
         positions = torch.cat(
             [
-                torch.arange(n_obs, device=x.device).repeat_interleave(s),
-                torch.full((h,), n_obs - 1, device=x.device),
+                torch.arange(n_obs, device=device).repeat_interleave(s),
+                torch.full((h,), n_obs - 1, device=device),
             ]
         )
-        rope = rope_cos_sin(positions, self.head_dim)
+        return rope_cos_sin(positions, self.head_dim)
+
+    def forward(
+        self,
+        x_t: Tensor,
+        t: Tensor | None,
+        obs_tokens: Tensor,
+        shared: SharedModulations | None = None,
+        step: int = 0,
+        rope: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """x_t (N, H, Da), t (N,), obs_tokens (N, n_obs, S, D) -> prediction (N, H, Da).
+
+        With ``shared`` (from ``prepare``) every row is at the ``step``-th prepared noise level and
+        ``t`` is not read; ``rope`` (from ``positions``) may be passed to skip rebuilding it."""
+        n, n_obs, s, d = obs_tokens.shape
+        h = x_t.shape[1]
+        x = torch.cat([obs_tokens.reshape(n, n_obs * s, d), self.chunk_embed(x_t)], dim=1)
+        rope = rope if rope is not None else self.positions(n_obs, s, h, x.device)
+        if shared is not None:
+            for index, block in enumerate(self.blocks):
+                x, _, _ = block(x, shared.block(step, index), rope=rope)
+            out: Tensor = self.final(x[:, n_obs * s :], shared.final_layer(step))
+            return out
+        if t is None:
+            raise ValueError("WindowedDiffusionTransformer.forward needs t (N,) unless shared is given")
+        cond = self.time_embed(t)  # (N, D)
+        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D)
         for block in self.blocks:
             x, _, _ = block(x, mod, rope=rope)
-        out: Tensor = self.final(x[:, n_obs * s :], cond)
+        out = self.final(x[:, n_obs * s :], cond)
         return out

@@ -80,6 +80,16 @@ class CausalPolicy(Policy):
     def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
         """One denoiser call: x_t (B, H, Da) normalised, t (B,) network time -> prediction (B, H, Da)."""
 
+    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
+        """The denoiser of one sampling run at the network times ``times`` (K,): (x_t, k) -> prediction.
+        Subclasses compute what depends on t alone, or on the context alone, once here."""
+        n = context.shape[0] if isinstance(context, Tensor) else context.keys[0].shape[0]
+
+        def step(x: Tensor, k: int) -> Tensor:
+            return self.denoise(context, x, times[k].expand(n))
+
+        return step
+
     # ------------------------------------------------------------------ streaming interface
 
     def init_cache(self) -> KVCache:
@@ -153,6 +163,7 @@ class CausalPolicy(Policy):
             noise=noise,
             device=self._device(),
             dtype=self._dtype(),
+            prepare=lambda times: self.prepare_denoiser(context, times),
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)
 

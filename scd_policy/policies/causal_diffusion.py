@@ -51,8 +51,23 @@ class CausalDiffusionPolicy(CausalPolicy):
             raise TypeError(
                 "the causal diffusion model takes the History from CausalDiffusionPolicy.encode_step"
             )
-        step = torch.tensor([context.n_steps - 1], device=x_t.device)  # the chunk belongs to the last step
+        step = torch.tensor([context.last_step], device=x_t.device)  # the chunk belongs to the last step
         return self.model.denoise(x_t[:, None], t[:, None], context, step)[:, 0]
+
+    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
+        if not isinstance(context, History):
+            raise TypeError(
+                "the causal diffusion model takes the History from CausalDiffusionPolicy.encode_step"
+            )
+        model = self.model
+        shared = model.prepare(times)  # the K steps' modulations in one batched pass
+        step_index = torch.tensor([context.last_step], device=times.device)
+        attend = model.attention_inputs(context, step_index, context.keys[0].shape[0], self.config.horizon)
+
+        def step(x: Tensor, k: int) -> Tensor:
+            return model.denoise_prepared(x[:, None], shared, k, attend)[:, 0]
+
+        return step
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         inputs = self.training_inputs(batch)

@@ -105,6 +105,14 @@ class DiffusionPolicy(Policy):
                 x = torch.cat([x[:, :1].expand(b, n_obs - t, *x.shape[2:]), x], dim=1)
             obs[key] = x
         tokens = self.tokenizer(self.normalize_obs(obs, (b, n_obs), "predict_chunk"))  # once per chunk
+        model = self.model
+
+        def prepare(times: Tensor) -> diffusion.StepFn:
+            # Once per chunk: the K steps' modulations and the RoPE tables.
+            shared = model.prepare(times)
+            rope = model.positions(n_obs, tokens.shape[2], self.config.horizon, tokens.device)
+            return lambda x, k: model(x, None, tokens, shared, k, rope)
+
         x0 = diffusion.sample(
             lambda x, tt: self.model(x, tt, tokens),
             (b, self.config.horizon, self.config.action_dim),
@@ -114,5 +122,6 @@ class DiffusionPolicy(Policy):
             noise=noise,
             device=device,
             dtype=self._dtype(),
+            prepare=prepare,
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)

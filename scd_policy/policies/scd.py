@@ -73,6 +73,18 @@ class SeparableCausalDiffusionPolicy(CausalPolicy):
         out: Tensor = self.decoder(x_t, t, context)
         return out
 
+    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
+        if not isinstance(context, Tensor):
+            raise TypeError("the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()")
+        shared = self.decoder.prepare(times)  # the K steps' modulations in one batched pass
+        decoder = self.decoder
+
+        def step(x: Tensor, k: int) -> Tensor:
+            out: Tensor = decoder(x, None, context, shared, k)
+            return out
+
+        return step
+
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         inputs = self.training_inputs(batch)
         b, w, h, da = inputs.chunks.shape

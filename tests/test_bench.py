@@ -1,0 +1,145 @@
+"""scd-bench: the CLI writes results.json with the documented schema (no timing assertions), and the
+optimised sampling path (modulations prepared once per run) equals the reference per-call path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scd_policy import diffusion
+from scd_policy.bench import BenchConfig, run_suites
+from scd_policy.bench.setup import build_policy, with_context_window
+from scd_policy.config import ConfigError
+from scd_policy.runtime import SCDPolicy
+
+REQUIRED = {"policy", "K", "history", "batch", "p50_ms", "p90_ms", "params", "ratio_vs_scd", "mode", "suite"}
+
+
+def test_cli_latency_quick_writes_the_documented_results(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    args = [
+        "suite=latency",
+        "quick=true",
+        "size=tiny",
+        f"out={out}",
+        "ks=[1,4]",
+        "histories=[3,6]",
+        "rounds=3",
+    ]
+    subprocess.run([sys.executable, "-m", "scd_policy.cli.bench", *args], check=True, timeout=120)
+    rows = json.loads((out / "results.json").read_text())
+    # 3 policies x 2 K x 2 histories x 2 modes (replan every step, open loop).
+    assert len(rows) == 3 * 2 * 2 * 2
+    for row in rows:
+        assert set(row) >= REQUIRED, sorted(REQUIRED - set(row))
+        assert row["suite"] == "latency" and row["batch"] == 1 and row["size"] == "tiny"
+        assert 0 < row["p50_ms"] <= row["p90_ms"]
+    assert {(r["K"], r["history"]) for r in rows} == {(1, 3), (1, 6), (4, 3), (4, 6)}
+    assert {r["mode"] for r in rows} == {"replan_every_step", "open_loop"}
+    for row in rows:
+        if row["policy"] == "scd":
+            assert row["ratio_vs_scd"] == 1.0
+        else:
+            scd = next(
+                r
+                for r in rows
+                if r["policy"] == "scd" and all(r[k] == row[k] for k in ("mode", "K", "history"))
+            )
+            assert row["ratio_vs_scd"] == pytest.approx(row["p50_ms"] / scd["p50_ms"])
+    params = {r["policy"]: r["params"] for r in rows}
+    assert set(params) == {"scd", "causal_diffusion", "diffusion_policy"}
+    assert max(params.values()) / min(params.values()) <= 1.1
+    # The causal policies' cache holds the history (+ the current step); the windowed one has none.
+    cache = {(r["policy"], r["history"]): r["state_mb"] for r in rows}
+    assert cache[("scd", 6)] > cache[("scd", 3)] > 0 and cache[("diffusion_policy", 6)] == 0
+    assert (out / "results.md").read_text().startswith("# scd-bench results")
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["params"] == params and environment["threads"] == 1
+
+
+def test_train_and_context_suites_rows() -> None:
+    results = run_suites(
+        BenchConfig(suite="train", size="tiny", train_batch=2, train_rounds=1, warmup=0, policies=["scd"])
+    )
+    (row,) = results["rows"]
+    assert row["suite"] == "train" and row["samples_per_s"] > 0 and row["ratio_vs_scd"] == 1.0
+    results = run_suites(
+        BenchConfig(
+            suite="context",
+            size="tiny",
+            context_histories=[2],
+            context_k=3,
+            rounds=2,
+            warmup=0,
+            policies=["scd", "causal_diffusion"],
+        )
+    )
+    rows = results["rows"]
+    assert sorted((r["policy"], r["K"]) for r in rows) == [
+        ("causal_diffusion", 1),
+        ("causal_diffusion", 3),
+        ("scd", 1),
+        ("scd", 3),
+    ]
+    for row in rows:
+        if row["K"] == 3:
+            one = next(r for r in rows if r["policy"] == row["policy"] and r["K"] == 1)
+            assert row["per_denoise_step_ms"] == pytest.approx((row["p50_ms"] - one["p50_ms"]) / 2)
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="suite"):
+        BenchConfig(suite="speed")
+    with pytest.raises(ConfigError, match="policies"):
+        BenchConfig(policies=["act"])
+    with pytest.raises(ConfigError, match="histories"):
+        BenchConfig(histories=[0])
+    with pytest.raises(ConfigError, match="size"):
+        run_suites(BenchConfig(size="huge"))
+
+
+@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion", "diffusion_policy"])
+def test_prepared_sampling_equals_the_per_call_reference(policy_type: str) -> None:
+    """The runtime samples through ``prepare`` (modulations computed once per run, fused AdaLN); the
+    same sampler without it calls the network on (N,) times: both give the same chunk."""
+    torch.manual_seed(0)
+    policy = build_policy(policy_type, "tiny", 5, 3, False, "cpu", 0)
+    with torch.no_grad():
+        for param in policy.parameters():  # non-trivial modulation tables and output layers
+            if param.dim() >= 1:
+                param.normal_(0.0, 0.1)
+    history = {"state": torch.randn(2, 4, 5)}
+    if policy.config.is_causal:
+        history["action"] = torch.randn(2, 3, 3)
+    noise = torch.randn(2, policy.config.horizon, 3)
+    reference_sample = diffusion.sample
+    calls = {"prepared": 0}
+
+    def without_prepare(*args: object, prepare: object = None, **kwargs: object) -> torch.Tensor:
+        calls["prepared"] += prepare is not None
+        return reference_sample(*args, **kwargs)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        fast = policy.predict_chunk(history, num_inference_steps=5, noise=noise)
+        diffusion.sample = without_prepare
+        try:
+            slow = policy.predict_chunk(history, num_inference_steps=5, noise=noise)
+        finally:
+            diffusion.sample = reference_sample
+    assert calls["prepared"] == 1  # the policy hands the sampler its prepared path
+    assert fast.abs().mean() > 0.1
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_runtime_history_stays_at_the_primed_length() -> None:
+    policy = build_policy("scd", "tiny", 5, 3, False, "cpu", 0)
+    with_context_window(policy, 4)
+    runtime = SCDPolicy(policy, num_inference_steps=1, replan_every_step=True)
+    for _ in range(9):
+        runtime.step({"state": torch.randn(5)})
+    assert runtime._cache is not None and runtime._cache.n_steps == 5  # 4 past steps + the current one
