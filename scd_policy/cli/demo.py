@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--episodes", type=int, default=100, help="demonstrations to collect (default: %(default)s)"
     )
-    parser.add_argument("--steps", type=int, default=3000, help="training steps (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default: %(default)s)")
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"], help="model size preset")
     parser.add_argument(
         "--eval-episodes", type=int, default=50, help="rollouts to evaluate (default: %(default)s)"
