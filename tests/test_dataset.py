@@ -48,6 +48,7 @@ def test_causal_windows_pad_at_episode_start_and_end(make_buffer: BufferFactory)
     # A 3-step window is not anchored where it would run past its episode's end; an episode shorter
     # than the window keeps its first step: anchors 0 | 3, 4, 5 | 8.
     assert len(dataset) == 5
+    np.testing.assert_array_equal(dataset.anchors, [0, 3, 4, 5, 8])
     # Anchor 3: first step of episode 1. Obs steps 3,4,5; actions 2->3 (clamped), 3,4,5,6.
     sample = dataset[1]
     np.testing.assert_array_equal(sample["state"][:, 0], [3, 4, 5])

@@ -138,6 +138,11 @@ class WindowedDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return int(self._anchor.shape[0])
 
+    @property
+    def anchors(self) -> np.ndarray:
+        """The global step index each sample is anchored at, (len(self),) int64."""
+        return self._anchor.copy()
+
     def window_indices(self, index: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Step indices of sample ``index`` at ``offsets``, clamped to its episode, and the pad mask."""
         if not -len(self) <= index < len(self):

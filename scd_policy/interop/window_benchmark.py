@@ -58,14 +58,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, float]:
     ours = WindowedDataset(
         buffer, np.arange(buffer.n_episodes), obs_keys, cfg.observation_offsets, cfg.action_offsets
     )
-    if len(ours) != len(theirs):
+    if buffer.n_steps != len(theirs):
         raise SystemExit(
-            f"{args.zarr} holds {len(ours)} steps but {args.root} {len(theirs)}: not the same data"
+            f"{args.zarr} holds {buffer.n_steps} steps but {args.root} {len(theirs)}: not the same data"
         )
-    anchors = np.random.default_rng(0).integers(0, len(ours), size=args.samples)
+    samples = np.random.default_rng(0).integers(0, len(ours), size=args.samples)
+    # The same windows on both sides: LeRobot indexes frames by global step, ours by sample.
     result = {
-        "lerobot_ms_per_window": _per_sample_ms(theirs.__getitem__, anchors),
-        "zarr_ms_per_window": _per_sample_ms(ours.__getitem__, anchors),
+        "lerobot_ms_per_window": _per_sample_ms(theirs.__getitem__, ours.anchors[samples]),
+        "zarr_ms_per_window": _per_sample_ms(ours.__getitem__, samples),
     }
     result["ratio"] = result["lerobot_ms_per_window"] / result["zarr_ms_per_window"]
     print(
