@@ -24,15 +24,10 @@ from torch import Tensor, nn
 
 from scd_policy.models.kv_cache import KVCache
 from scd_policy.models.layers import (
-    AdaLNBlock,
-    ChunkEmbedding,
-    FinalLayer,
-    Modulation,
+    AdaLNDenoiser,
     SharedBlockModulation,
     SharedModulations,
-    TimestepEmbedding,
     rope_cos_sin,
-    shared_modulations,
 )
 
 
@@ -67,7 +62,7 @@ class History:
         )
 
 
-class CausalDiffusionTransformer(nn.Module):
+class CausalDiffusionTransformer(AdaLNDenoiser):
     def __init__(
         self,
         d_model: int,
@@ -78,15 +73,8 @@ class CausalDiffusionTransformer(nn.Module):
         action_dim: int,
         horizon: int,
     ) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
-        self.time_embed = TimestepEmbedding(d_model)
+        super().__init__(d_model, n_heads, n_layers, mlp_ratio, dropout, action_dim, horizon)
         self.history_cond = nn.Parameter(torch.randn(d_model) * 0.02)  # "clean" condition of history tokens
-        self.modulation = Modulation(d_model)
-        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
-        self.final = FinalLayer(d_model, action_dim)
 
     def new_cache(self, max_steps: int | None) -> KVCache:
         return KVCache(len(self.blocks), max_steps)
@@ -112,10 +100,6 @@ class CausalDiffusionTransformer(nn.Module):
         mod = self.modulation(cond).unsqueeze(1)  # (B*G, 1, 6, D)
         attend = self.attention_inputs(history, step, b, h)
         return self._layers(x_t, [mod] * len(self.blocks), cond, attend)
-
-    def prepare(self, times: Tensor) -> SharedModulations:
-        """The modulation of every block at the K sampling times (K,), for ``denoise_prepared``."""
-        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
 
     def denoise_prepared(
         self, x_t: Tensor, shared: SharedModulations, k: int, attend: AttentionInputs

@@ -13,17 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from scd_policy.models.layers import (
-    AdaLNBlock,
-    ChunkEmbedding,
-    FinalLayer,
-    Modulation,
+    AdaLNDenoiser,
     SharedModulations,
-    TimestepEmbedding,
-    shared_modulations,
 )
 
 
-class DiffusionDecoder(nn.Module):
+class DiffusionDecoder(AdaLNDenoiser):
     def __init__(
         self,
         d_model: int,
@@ -35,18 +30,9 @@ class DiffusionDecoder(nn.Module):
         horizon: int,
         n_context_tokens: int,
     ) -> None:
-        super().__init__()
+        super().__init__(d_model, n_heads, n_layers, mlp_ratio, dropout, action_dim, horizon)
         self.n_context_tokens = n_context_tokens
-        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
         self.context_embed = nn.Parameter(torch.randn(n_context_tokens, d_model) * 0.02)
-        self.time_embed = TimestepEmbedding(d_model)
-        self.modulation = Modulation(d_model)
-        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
-        self.final = FinalLayer(d_model, action_dim)
-
-    def prepare(self, times: Tensor) -> SharedModulations:
-        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
-        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
 
     def forward(
         self,

@@ -307,3 +307,35 @@ class ChunkEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.proj(x) + self.pos_embed
         return out
+
+
+class AdaLNDenoiser(nn.Module):
+    """The parts every denoiser here shares: the noisy chunk's embedding, the noise-level embedding with
+    its shared modulation, a stack of AdaLN-Zero blocks and the zero-initialised output layer.
+
+    SCD's decoder, the monolithic causal baseline and the windowed baseline differ only in what else
+    joins the chunk tokens in attention (context tokens, cached history, an observation window).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        mlp_ratio: float,
+        dropout: float,
+        action_dim: int,
+        horizon: int,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
+        self.time_embed = TimestepEmbedding(d_model)
+        self.modulation = Modulation(d_model)
+        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.final = FinalLayer(d_model, action_dim)
+
+    def prepare(self, times: Tensor) -> SharedModulations:
+        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
+        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)

@@ -9,43 +9,16 @@ observation tokens by step and puts the chunk at the current step.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from scd_policy.models.layers import (
-    AdaLNBlock,
-    ChunkEmbedding,
-    FinalLayer,
-    Modulation,
+    AdaLNDenoiser,
     SharedModulations,
-    TimestepEmbedding,
     rope_cos_sin,
-    shared_modulations,
 )
 
 
-class WindowedDiffusionTransformer(nn.Module):
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_layers: int,
-        mlp_ratio: float,
-        dropout: float,
-        action_dim: int,
-        horizon: int,
-    ) -> None:
-        super().__init__()
-        self.head_dim = d_model // n_heads
-        self.chunk_embed = ChunkEmbedding(action_dim, horizon, d_model)
-        self.time_embed = TimestepEmbedding(d_model)
-        self.modulation = Modulation(d_model)
-        self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
-        self.final = FinalLayer(d_model, action_dim)
-
-    def prepare(self, times: Tensor) -> SharedModulations:
-        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
-        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
-
+class WindowedDiffusionTransformer(AdaLNDenoiser):
     def positions(self, n_obs: int, s: int, h: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """RoPE tables: observation tokens by step, the chunk at the current (last) step."""
         positions = torch.cat(
