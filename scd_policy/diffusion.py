@@ -18,7 +18,7 @@ reproducible under a seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 
 import torch
@@ -211,6 +211,26 @@ def _predict_x0(x: Tensor, eps: Tensor, alpha_bar: float, clip: bool) -> tuple[T
     return x0, eps
 
 
+def _discrete_steps(config: DiffusionConfig, num_steps: int) -> Iterator[tuple[int, int, float, float, bool]]:
+    """(index, schedule step, abar at it, abar at the next sampled step, is last) for DDPM/DDIM sampling;
+    after the last step comes the clean sample, abar = 1."""
+    abar = _alphas_cumprod(config.num_train_timesteps, config.beta_schedule)
+    timesteps = inference_timesteps(config, num_steps)
+    for i, step in enumerate(timesteps):
+        last = i + 1 == len(timesteps)
+        yield i, step, abar[step], 1.0 if last else abar[timesteps[i + 1]], last
+
+
+def _epsilon(
+    denoise_fn: DenoiseFn, step_fn: StepFn | None, x: Tensor, i: int, step: int, config: DiffusionConfig
+) -> Tensor:
+    """The network's noise prediction at sampling step i (through the prepared ``step_fn`` if given)."""
+    if step_fn is not None:
+        return step_fn(x, i)
+    t = torch.full((x.shape[0],), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
+    return denoise_fn(x, t)
+
+
 def ddpm_sample(
     denoise_fn: DenoiseFn,
     x: Tensor,
@@ -221,22 +241,13 @@ def ddpm_sample(
     step_fn: StepFn | None = None,
 ) -> Tensor:
     """Ancestral DDPM sampling over ``num_steps`` of the schedule's steps (posterior q(x_prev | x_t, x0))."""
-    abar = _alphas_cumprod(config.num_train_timesteps, config.beta_schedule)
-    timesteps = inference_timesteps(config, num_steps)
-    n = x.shape[0]
-    for i, step in enumerate(timesteps):
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
-        if step_fn is not None:
-            prediction = step_fn(x, i)
-        else:
-            t = torch.full((n,), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
-            prediction = denoise_fn(x, t)
+    for i, step, a_t, a_prev, last in _discrete_steps(config, num_steps):
+        prediction = _epsilon(denoise_fn, step_fn, x, i, step, config)
         x0, _ = _predict_x0(x, prediction, a_t, config.clip_sample)
         alpha = a_t / a_prev  # effective alpha of the (possibly skipped) transition
         beta = 1 - alpha
         mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
-        if prev >= 0:
+        if not last:  # the posterior's noise, except on the step that lands on the clean sample
             variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
             z = initial_noise(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + math.sqrt(variance) * z
@@ -254,17 +265,8 @@ def ddim_sample(
     step_fn: StepFn | None = None,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
-    abar = _alphas_cumprod(config.num_train_timesteps, config.beta_schedule)
-    timesteps = inference_timesteps(config, num_steps)
-    n = x.shape[0]
-    for i, step in enumerate(timesteps):
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        a_t, a_prev = abar[step], (abar[prev] if prev >= 0 else 1.0)
-        if step_fn is not None:
-            prediction = step_fn(x, i)
-        else:
-            t = torch.full((n,), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
-            prediction = denoise_fn(x, t)
+    for i, step, a_t, a_prev, _last in _discrete_steps(config, num_steps):
+        prediction = _epsilon(denoise_fn, step_fn, x, i, step, config)
         x0, eps = _predict_x0(x, prediction, a_t, config.clip_sample)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x
