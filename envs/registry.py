@@ -40,6 +40,9 @@ class TaskSpec:
     success: str  # the success criterion, in words
     cameras: tuple[str, ...]  # cameras usable for image observations; the first is the default
     tags: tuple[str, ...] = ()  # e.g. "own", "metaworld", "multimodal", "memory"
+    # Numeric ``info`` entries reported every step that evaluation summarises per episode (best and final
+    # value), e.g. push_t's goal "coverage" (PushT results are quoted as coverage, not only success).
+    episode_metrics: tuple[str, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keywords for the entry point
 
     @property

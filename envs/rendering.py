@@ -6,14 +6,8 @@ the image size. Switching off shadows, reflections and multisampling gives ~90 f
 
 from __future__ import annotations
 
-import os
-
-import mujoco
+import mujoco  # with the headless GL backend chosen in envs/__init__.py
 import numpy as np
-
-# Must be set before the first GL context is created; EGL works headless on CPU (Mesa).
-os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
 class FastRenderer:

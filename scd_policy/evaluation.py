@@ -108,7 +108,16 @@ def evaluate(
                 seed=seed,
             )
             outcome = _run_seed(
-                envs, runtime, seed, cfg.episodes, max_steps, obs_keys, bar, record, cfg.videos
+                envs,
+                runtime,
+                seed,
+                cfg.episodes,
+                max_steps,
+                obs_keys,
+                bar,
+                record,
+                cfg.videos,
+                spec.episode_metrics,
             )
             latencies.extend(runtime.latencies_ms)
             if record and video_dir is not None:
@@ -135,6 +144,7 @@ def evaluate(
         "success_rate_std": float(rates.std()),
         "mean_return": float(np.mean([s["mean_return"] for s in per_seed])),
         "mean_episode_length": float(np.mean([s["mean_episode_length"] for s in per_seed])),
+        **_metric_summary(per_seed, spec.episode_metrics),
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p90": float(np.percentile(lat, 90)),
         "latency_batch": n_envs,
@@ -157,8 +167,14 @@ def _run_seed(
     bar: tqdm[Any],
     record: bool,
     n_videos: int,
+    metrics: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     n_envs = envs.num_envs
+    # Per running episode: the best and the latest value of each of the task's episode metrics.
+    best = np.full((n_envs, len(metrics)), -np.inf)
+    latest = np.zeros((n_envs, len(metrics)))
+    episode_best: list[np.ndarray] = []
+    episode_final: list[np.ndarray] = []
     next_episode = 0
     episode_of = np.full(n_envs, -1)  # which episode each env runs (-1: idle)
     returns = np.zeros(n_envs)
@@ -180,6 +196,8 @@ def _run_seed(
                 episode_of[env_id] = -1
         returns[mask] = 0.0
         lengths[mask] = 0
+        best[mask] = -np.inf
+        latest[mask] = 0.0
         obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
         runtime.reset(mask)
         return obs  # type: ignore[no-any-return]
@@ -193,6 +211,13 @@ def _run_seed(
         obs, reward, terminated, truncated, info = envs.step(actions)
         returns += reward
         lengths += 1
+        for index, key in enumerate(metrics):
+            if key not in info:
+                raise KeyError(
+                    f"episode metric {key!r} (TaskSpec.episode_metrics) is missing from the step info"
+                )
+            latest[:, index] = np.asarray(info[key], dtype=np.float64)
+        best = np.maximum(best, latest)
         # Idle envs (no episode left to give them) keep stepping until all are done; they are reset
         # when they finish too, since some tasks (Meta-World) refuse steps past their limit.
         finished = terminated | truncated | (lengths >= max_steps)
@@ -202,6 +227,8 @@ def _run_seed(
                 successes.append(bool(success[env_id]))
                 episode_returns.append(float(returns[env_id]))
                 episode_lengths.append(int(lengths[env_id]))
+                episode_best.append(best[env_id].copy())
+                episode_final.append(latest[env_id].copy())
                 bar.update(1)
             if successes:
                 bar.set_postfix(success=f"{np.mean(successes):.2f}")
@@ -210,8 +237,21 @@ def _run_seed(
         "success_rate": float(np.mean(successes)),
         "mean_return": float(np.mean(episode_returns)),
         "mean_episode_length": float(np.mean(episode_lengths)),
+        **{f"max_{key}": float(np.mean([v[i] for v in episode_best])) for i, key in enumerate(metrics)},
+        **{f"final_{key}": float(np.mean([v[i] for v in episode_final])) for i, key in enumerate(metrics)},
         "frames": frames,
     }
+
+
+def _metric_summary(per_seed: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, float]:
+    """Mean and spread over seeds of each episode metric's per-seed mean (best and final value)."""
+    summary: dict[str, float] = {}
+    for key in metrics:
+        for kind in ("max", "final"):
+            values = np.array([s[f"{kind}_{key}"] for s in per_seed])
+            summary[f"{kind}_{key}"] = float(values.mean())
+            summary[f"{kind}_{key}_std"] = float(values.std())
+    return summary
 
 
 def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> str:

@@ -588,5 +588,6 @@ SPEC = TaskSpec(
     success="coverage of the goal T >= 95%",
     cameras=("top",),
     tags=("own", "pusht"),
+    episode_metrics=("coverage",),
 )
 register_task(SPEC)

@@ -15,6 +15,7 @@ rest. The step-t observation stored is the one the expert acted on, paired with 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import logging
@@ -367,6 +368,24 @@ def collect(cfg: CollectConfig, *, progress: bool = True) -> CollectReport:
     with _signals_request_stop(stop):
         buffer, card = open_dataset(cfg, spec, options)
         return _collect_into(buffer, card, cfg, options, stop, progress)
+
+
+def collect_up_to(cfg: CollectConfig, total: int, *, progress: bool = True) -> int:
+    """Make ``cfg.out`` hold at least ``total`` episodes, collecting only the missing ones (an existing
+    buffer must fit the task and observation settings); returns the number of episodes it holds."""
+    from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
+
+    path = Path(cfg.out)
+    try:
+        have = ReplayBuffer.open(path).n_episodes if path.exists() and not cfg.overwrite else 0
+    except DatasetError as exc:
+        raise CollectError(f"cannot top up {path}: {exc}") from exc
+    if have >= total:
+        log.info("reusing %d demonstrations of %s in %s", have, cfg.task, path)
+        return have
+    log.info("collecting %d expert demonstrations of %s -> %s", total - have, cfg.task, path)
+    report = collect(dataclasses.replace(cfg, episodes=total - have), progress=progress)
+    return report.total_episodes
 
 
 def _collect_into(

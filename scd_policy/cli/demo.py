@@ -51,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     os.environ.setdefault("MUJOCO_GL", "egl")
     # Imported after argument parsing so that --help is instant.
-    from scd_policy.cli.collect import CollectConfig, collect
+    from scd_policy.cli.collect import CollectConfig, collect_up_to
     from scd_policy.cli.eval import EvalRunConfig, run_eval
     from scd_policy.cli.train import compose_experiment, run_training
-    from scd_policy.data.replay_buffer import ReplayBuffer
 
     workdir = Path(args.workdir)
     dataset = workdir / "datasets" / f"{args.task}.zarr"
@@ -62,14 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     # 1. Demonstrations (kept between runs: a second run reuses them).
-    have = ReplayBuffer.open(dataset).n_episodes if dataset.exists() else 0
-    if have < args.episodes:
-        log.info(
-            "[1/3] collecting %d expert demonstrations of %s -> %s", args.episodes - have, args.task, dataset
-        )
-        collect(CollectConfig(task=args.task, episodes=args.episodes - have, out=str(dataset), workers=2))
-    else:
-        log.info("[1/3] reusing %d demonstrations in %s", have, dataset)
+    log.info("[1/3] demonstrations")
+    collect_up_to(CollectConfig(task=args.task, out=str(dataset), workers=2), args.episodes)
     collected = time.perf_counter()
 
     # 2. Training (fresh run folder each time, so the printed figures belong to this run).

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from scd_policy.cli.common import setup_logging, to_object
 from scd_policy.config import EvalConfig, config_dir
 from scd_policy.evaluation import EnvSettings, evaluate
+from scd_policy.io import atomic_write_text
 from scd_policy.policies import load_policy
 
 log = logging.getLogger("scd_policy.eval")
@@ -80,10 +81,10 @@ def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
         policy,
         EnvSettings.for_policy(task, policy, camera),
         eval_cfg,
-        results_path=out,
         video_dir=out.parent / f"{out.stem}_videos",
     )
     results["checkpoint"] = str(policy_dir)
+    atomic_write_text(out, json.dumps(results, indent=2))
     log.info(
         "success %.1f%% (std over seeds %.1f), latency p50 %.2f ms / p90 %.2f ms per step (batch %d) -> %s",
         100 * results["success_rate"],

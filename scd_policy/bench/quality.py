@@ -1,0 +1,280 @@
+"""The quality table: success rates of the three policies trained on the same demonstrations with the
+same budget, task by task (``scd-quality``).
+
+For every cell (a task, observed through its state vector or through a camera) the sweep collects the
+demonstrations once, trains each policy on them with the same overrides (size preset, steps, batch,
+windows), evaluates the final EMA weights over ``episodes`` x ``seeds`` fixed evaluation seeds, and
+rewrites the table after every finished run. Re-running the same command continues an interrupted
+sweep: evaluated runs are read back, a training with a checkpoint resumes from it, and the datasets are
+only topped up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scd_policy.config import POLICY_TYPES, ConfigError
+from scd_policy.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# DESIGN.md §5: Meta-World tasks, our multimodal, memory and PushT-style tasks.
+DEFAULT_TASKS = (
+    "memory_cue",
+    "reach_around",
+    "push_t",
+    "mw_push",
+    "mw_pick_place",
+    "mw_drawer_open",
+    "mw_button_press_topdown",
+)
+DEFAULT_IMAGE_TASKS = ("push_t", "mw_drawer_open")
+# memory_cue's cue and its decision are ~20 control steps apart: the causal policies' training windows
+# and run-time context must span that.
+DEFAULT_TASK_OVERRIDES = {"memory_cue": ["policy.train_window=32", "policy.context_window=32"]}
+
+
+@dataclass
+class QualityConfig:
+    """What to train and evaluate. Every run of the sweep gets the same budget; see ``scd-quality --help``."""
+
+    out: str = "quality"  # the sweep's folder: data/, runs/, quality.json, quality.md, quality.png
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # state-based cells
+    image_tasks: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_TASKS))  # camera cells
+    # What an image-based policy reads: the camera alone by default (every task's state vector holds
+    # the object poses, which would make the camera redundant).
+    image_obs_keys: list[str] = field(default_factory=lambda: ["image"])
+    image_size: int = 96
+    policies: list[str] = field(default_factory=lambda: list(POLICY_TYPES))
+    demos: int = 100  # expert demonstrations per cell (scripted experts, seeds 0, 1, ...)
+    size: str = "small"  # size preset of every policy (configs/size/)
+    steps: int = 20_000  # training steps of every run
+    batch_size: int = 64
+    threads: int | None = None  # torch CPU threads per training (None: torch's default)
+    overrides: list[str] = field(default_factory=list)  # further scd-train overrides for every run
+    task_overrides: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_TASK_OVERRIDES))
+    episodes: int = 50  # evaluation episodes per seed
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (fixed lists)
+    n_envs: int = 2  # parallel environments during evaluation
+    workers: int = 2  # collection worker processes
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.policies) - set(POLICY_TYPES))
+        if unknown or not self.policies:
+            raise ConfigError(f"policies={self.policies}: expected a non-empty subset of {POLICY_TYPES}")
+        if not self.tasks and not self.image_tasks:
+            raise ConfigError("tasks and image_tasks are both empty: nothing to run")
+        for name in ("demos", "steps", "batch_size", "episodes", "n_envs", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one evaluation seed")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
+        from envs.registry import task_names
+
+        known = task_names()
+        missing = sorted((set(self.tasks) | set(self.image_tasks)) - set(known))
+        if missing:
+            raise ConfigError(f"unknown tasks {missing}; registered tasks: {known}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a task and how the policies observe it."""
+
+    task: str
+    image: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}_image" if self.image else self.task
+
+    @property
+    def observation(self) -> str:
+        return "image" if self.image else "state"
+
+
+def cells(cfg: QualityConfig) -> list[Cell]:
+    return [Cell(task, False) for task in cfg.tasks] + [Cell(task, True) for task in cfg.image_tasks]
+
+
+def train_overrides(cfg: QualityConfig, cell: Cell, policy: str, dataset: Path, run_dir: Path) -> list[str]:
+    """The ``scd-train`` overrides of one run: the shared budget, then the task's and the user's."""
+    overrides = [
+        f"dataset={dataset}",
+        f"out={run_dir}",
+        f"policy={policy}",
+        f"size={cfg.size}",
+        f"train.steps={cfg.steps}",
+        f"train.batch_size={cfg.batch_size}",
+        f"train.checkpoint_every={max(1, min(1000, cfg.steps // 4))}",
+        f"train.val_every={max(1, min(1000, cfg.steps // 4))}",
+    ]
+    if cfg.threads is not None:
+        overrides.append(f"train.num_threads={cfg.threads}")
+    if cell.image:
+        overrides.append(f"data.obs_keys=[{','.join(cfg.image_obs_keys)}]")
+    overrides += [*cfg.task_overrides.get(cell.task, []), *cfg.overrides]
+    if (run_dir / "checkpoints" / "latest.json").exists():
+        overrides.append("train.resume=true")
+    return overrides
+
+
+def run_cell(cfg: QualityConfig, cell: Cell, policy: str) -> dict[str, Any]:
+    """Train (or resume) one policy on one cell's demonstrations and evaluate it; reuses a finished run."""
+    from scd_policy.cli.collect import CollectConfig, collect_up_to
+    from scd_policy.cli.eval import EvalRunConfig, run_eval
+    from scd_policy.cli.train import compose_experiment, run_training
+
+    out = Path(cfg.out)
+    run_dir = out / "runs" / cell.name / policy
+    results_path = run_dir / "eval.json"
+    if results_path.exists():
+        log.info("%s / %s: already evaluated (%s)", cell.name, policy, results_path)
+        results: dict[str, Any] = json.loads(results_path.read_text())
+        return results
+    dataset = out / "data" / f"{cell.name}.zarr"
+    collect_up_to(
+        CollectConfig(
+            task=cell.task,
+            out=str(dataset),
+            image=cell.image,
+            image_size=cfg.image_size,
+            workers=cfg.workers,
+        ),
+        cfg.demos,
+    )
+    log.info("%s / %s: training (%s preset, %d steps) -> %s", cell.name, policy, cfg.size, cfg.steps, run_dir)
+    # The task is left out of the training config: the sweep scores the final weights once, below,
+    # instead of paying for rollouts during training.
+    policy_dir = run_training(compose_experiment(train_overrides(cfg, cell, policy, dataset, run_dir)))
+    log.info("%s / %s: evaluating %d episodes x seeds %s", cell.name, policy, cfg.episodes, cfg.seeds)
+    return run_eval(
+        EvalRunConfig(
+            checkpoint=str(policy_dir),
+            task=cell.task,
+            episodes=cfg.episodes,
+            seeds=list(cfg.seeds),
+            n_envs=cfg.n_envs,
+            videos=0,
+            out=str(results_path),
+        )
+    )
+
+
+def table_row(cell: Cell, policy: str, results: dict[str, Any]) -> dict[str, Any]:
+    """One (cell, policy) entry of quality.json."""
+    row = {
+        "task": cell.task,
+        "observation": cell.observation,
+        "policy": policy,
+        "success_rate": results["success_rate"],
+        "success_rate_std": results["success_rate_std"],
+        "per_seed_success": [s["success_rate"] for s in results["per_seed"]],
+        "episodes_per_seed": results["episodes_per_seed"],
+        "seeds": results["seeds"],
+        "mean_return": results["mean_return"],
+        "checkpoint": results.get("checkpoint"),
+    }
+    for key, value in results.items():
+        if key.startswith(("max_", "final_")):  # the task's episode metrics, e.g. push_t's coverage
+            row[key] = value
+    return row
+
+
+def _percent(row: dict[str, Any]) -> str:
+    text = f"{100 * row['success_rate']:.1f}% ± {100 * row['success_rate_std']:.1f}"
+    if "max_coverage" in row:
+        text += f" (coverage {row['max_coverage']:.2f})"
+    return text
+
+
+def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> str:
+    """The table: one line per cell, a column per policy, and SCD's margin over the better baseline."""
+    policies = [p for p in POLICY_TYPES if p in cfg.policies]
+    lines = [
+        f"Success rate, mean ± std over evaluation seeds {cfg.seeds} ({cfg.episodes} episodes each); "
+        f"{cfg.demos} demonstrations per task, `{cfg.size}` preset, {cfg.steps} steps of batch "
+        f"{cfg.batch_size} for every policy. PushT: mean best coverage per episode in brackets.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| task | observation | " + " | ".join(policies) + " | scd - best baseline (points) |",
+        "|---|---|" + "---|" * len(policies) + "---|",
+    ]
+    for cell in cells(cfg):
+        found = {
+            r["policy"]: r for r in rows if r["task"] == cell.task and r["observation"] == cell.observation
+        }
+        entries = [_percent(found[p]) if p in found else "—" for p in policies]
+        baselines = [found[p]["success_rate"] for p in policies if p != "scd" and p in found]
+        margin = "—"
+        if "scd" in found and baselines:
+            margin = f"{100 * (found['scd']['success_rate'] - max(baselines)):+.1f}"
+        lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + f" | {margin} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
+    """Grouped bars: success per cell and policy, seed spread as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = [p for p in POLICY_TYPES if p in cfg.policies]
+    names = [c.name for c in cells(cfg)]
+    width = 0.8 / len(policies)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names)), 4))
+    for index, policy in enumerate(policies):
+        xs, ys, errs = [], [], []
+        for x, cell in enumerate(cells(cfg)):
+            for r in rows:
+                if r["policy"] == policy and r["task"] == cell.task and r["observation"] == cell.observation:
+                    xs.append(x + (index - (len(policies) - 1) / 2) * width)
+                    ys.append(100 * r["success_rate"])
+                    errs.append(100 * r["success_rate_std"])
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=policy)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set(ylabel="success rate (%)", ylim=(0, 105), title="Same demonstrations, same training budget")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_table(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> dict[str, Path]:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "quality.json", "markdown": out / "quality.md", "plot": out / "quality.png"}
+    atomic_write_text(paths["json"], json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(paths["markdown"], markdown(rows, cfg, command))
+    plot(rows, cfg, paths["plot"])
+    return paths
+
+
+def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[str, Any]]:
+    """Run every (cell, policy) of the sweep in order, rewriting the table after each; returns its rows."""
+    rows: list[dict[str, Any]] = []
+    for cell in cells(cfg):
+        for policy in cfg.policies:
+            rows.append(table_row(cell, policy, run_cell(cfg, cell, policy)))
+            paths = write_table(rows, cfg, command)
+            log.info(
+                "%s / %s: success %.1f%% ± %.1f -> %s",
+                cell.name,
+                policy,
+                100 * rows[-1]["success_rate"],
+                100 * rows[-1]["success_rate_std"],
+                paths["markdown"],
+            )
+    return rows

@@ -1,0 +1,32 @@
+"""``scd-quality``: the quality table of the three policies, task by task (see ``scd-quality --help``)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from scd_policy.bench.quality import QualityConfig, run_quality
+from scd_policy.cli.common import setup_logging, to_object
+from scd_policy.config import config_dir, register_configs
+
+
+@hydra.main(config_path=str(config_dir()), config_name="quality", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    setup_logging()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    run_quality(to_object(cfg, QualityConfig), "scd-quality " + shlex.join(sys.argv[1:]))
+
+
+def main() -> None:
+    register_configs()  # the training configs the sweep composes for each run
+    ConfigStore.instance().store(name="quality_schema", node=QualityConfig)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

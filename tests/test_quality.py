@@ -1,0 +1,137 @@
+"""``scd-quality`` end to end on real MuJoCo tasks: collect -> train -> evaluate per cell and policy, the
+table on disk, an interrupted sweep continued without retraining, and the PushT coverage metric."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import scd_policy.cli.train
+from scd_policy.bench.quality import Cell, QualityConfig, run_quality, train_overrides
+from scd_policy.config import ConfigError
+from scd_policy.policies import load_policy
+
+TINY = [
+    "policy.train_window=4",
+    "policy.context_window=8",
+    "policy.horizon=8",
+    "policy.n_action_steps=4",
+    "train.warmup_steps=2",
+    "train.log_every=5",
+]
+
+
+def tiny_sweep(out: Path) -> QualityConfig:
+    return QualityConfig(
+        out=str(out),
+        tasks=["push_t"],
+        image_tasks=["reach_around"],
+        policies=["scd", "diffusion_policy"],
+        demos=3,
+        size="tiny",
+        steps=6,
+        batch_size=4,
+        threads=1,
+        overrides=TINY,
+        episodes=2,
+        seeds=[0, 1],
+        n_envs=1,
+        workers=0,
+        image_size=32,
+    )
+
+
+@pytest.mark.slow
+def test_sweep_writes_the_table_and_continues_without_retraining(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_sweep(tmp_path / "sweep")
+    rows = run_quality(cfg, command="scd-quality test")
+
+    assert [(r["task"], r["observation"], r["policy"]) for r in rows] == [
+        ("push_t", "state", "scd"),
+        ("push_t", "state", "diffusion_policy"),
+        ("reach_around", "image", "scd"),
+        ("reach_around", "image", "diffusion_policy"),
+    ]
+    for row in rows:
+        assert 0.0 <= row["success_rate"] <= 1.0 and len(row["per_seed_success"]) == 2
+        assert row["episodes_per_seed"] == 2 and row["seeds"] == [0, 1]
+    # push_t reports its goal coverage (best over the episode, and at the end); other tasks have none.
+    for row in rows[:2]:
+        assert 0.0 <= row["final_coverage"] <= row["max_coverage"] <= 1.0
+    assert "max_coverage" not in rows[2]
+
+    out = Path(cfg.out)
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows
+    table = (out / "quality.md").read_text()
+    assert "| task | observation | scd | diffusion_policy | scd - best baseline (points) |" in table
+    assert "| push_t | state |" in table and "(coverage " in table and "| reach_around | image |" in table
+    assert (out / "quality.png").stat().st_size > 1000
+    # Same demonstrations for every policy of a cell; the image cell's policies read the camera only.
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["push_t.zarr", "reach_around_image.zarr"]
+    image_policy = load_policy(Path(rows[2]["checkpoint"]))
+    assert image_policy.config.input_shapes == {"image": [3, 32, 32]}
+
+    # Running the same sweep again reads every finished run back: nothing is trained a second time.
+    def no_training(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(scd_policy.cli.train, "run_training", no_training)
+    assert run_quality(cfg, command="scd-quality test") == rows
+
+
+def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
+    cfg = tiny_sweep(tmp_path)
+    cfg.task_overrides = {"push_t": ["policy.horizon=4"]}
+    run_dir = tmp_path / "runs" / "push_t_image" / "scd"
+    overrides = train_overrides(cfg, Cell("push_t", True), "scd", tmp_path / "d.zarr", run_dir)
+    assert overrides[:6] == [
+        f"dataset={tmp_path / 'd.zarr'}",
+        f"out={run_dir}",
+        "policy=scd",
+        "size=tiny",
+        "train.steps=6",
+        "train.batch_size=4",
+    ]
+    assert "data.obs_keys=[image]" in overrides and "train.num_threads=1" in overrides
+    # The task's overrides come after the shared ones (and the user's after those): the last one wins.
+    assert overrides.index("policy.horizon=4") < overrides.index("policy.horizon=8")
+    assert "train.resume=true" not in overrides
+
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest.json").write_text('{"name": "step_00000002", "step": 2}')
+    resumed = train_overrides(cfg, Cell("push_t", True), "scd", tmp_path / "d.zarr", run_dir)
+    assert resumed[-1] == "train.resume=true"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tasks": ["no_such_task"]}, "unknown tasks ['no_such_task']; registered tasks:"),
+        ({"policies": ["scd", "ppo"]}, "expected a non-empty subset of"),
+        ({"tasks": [], "image_tasks": []}, "nothing to run"),
+        ({"seeds": []}, "at least one evaluation seed"),
+        ({"steps": 0}, "steps must be >= 1"),
+    ],
+)
+def test_bad_sweep_configs_say_what_is_wrong(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        QualityConfig(**changes)  # type: ignore[arg-type]
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "scd_policy.cli.quality"]
+
+
+def test_command_line_help_and_bad_values() -> None:
+    result = subprocess.run([*_cli(), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scd-quality out=<dir>" in result.stdout and "image_obs_keys:" in result.stdout
+    bad = subprocess.run([*_cli(), "tasks=[no_such_task]"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "configuration error: unknown tasks ['no_such_task']" in bad.stderr
