@@ -172,6 +172,27 @@ def test_adaln_block_and_decoders_start_as_identity_and_zero() -> None:
     assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_block_carrying_only_the_last_tokens_equals_the_full_block_there() -> None:
+    block = AdaLNBlock(D, HEADS, 4.0, 0.0).eval()
+    with torch.no_grad():
+        block.mod_table.normal_(0.0, 0.3)
+    b, n, q = 2, 7, 4
+    x = torch.randn(b, n, D)
+    rope = rope_cos_sin(torch.arange(n), D // HEADS)
+    prefix = (torch.randn(b, HEADS, 3, D // HEADS), torch.randn(b, HEADS, 3, D // HEADS))
+    mask = torch.rand(b, 1, n, 3 + n) > 0.3
+    mask[..., -1] = True  # every query sees at least one key
+    per_token = Modulation(D)(torch.randn(b, n, D))  # (B, N, 6, D): the per-call (training) path
+    shared = tuple(torch.randn(D) for _ in range(6))  # one noise level for the batch (sampling path)
+    for mod in (per_token, shared):
+        full, k_full, v_full = block(x, mod, rope=rope, prefix=prefix, mask=mask)  # type: ignore[arg-type]
+        last, k_last, v_last = block(x, mod, rope=rope, prefix=prefix, mask=mask, queries=q)  # type: ignore[arg-type]
+        assert last.shape == (b, q, D)
+        torch.testing.assert_close(last, full[:, -q:], atol=ATOL, rtol=0)
+        # Every token still gave its key and value to the others.
+        assert torch.equal(k_last, k_full) and torch.equal(v_last, v_full)
+
+
 def test_decoder_has_no_history_access_and_depends_on_context() -> None:
     decoder = DiffusionDecoder(D, HEADS, 1, 4.0, 0.0, DA, H, N_CTX)
     with torch.no_grad():

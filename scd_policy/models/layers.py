@@ -94,19 +94,25 @@ class Attention(nn.Module):
         prefix: tuple[Tensor, Tensor] | None = None,
         extend: KVExtend | None = None,
         mask: Tensor | None = None,
+        queries: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, D) -> (out (B, N, D), the new tokens' keys (B, h, N, hd) rotated, values).
+        """x (B, N, D) -> (out (B, Q, D), the new tokens' keys (B, h, N, hd) rotated, values).
 
         rope: cos/sin for the N new tokens (see ``rope_cos_sin``); applied to q and the new k.
         prefix: keys (already rotated to their positions) and values (B, h, M, hd) placed before the
         new tokens (not stored anywhere). extend: a cache's writer instead (see ``KVExtend``), which
         stores the new keys/values and returns cached + new. mask: bool (B or 1, 1, N, M + N), True
-        where a query may attend to a key.
+        where a query may attend to a key. queries: only the last Q tokens attend (their outputs are
+        returned); every token still serves as a key/value. None: Q = N.
         """
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if queries is not None and queries < n:
+            q = q[:, :, n - queries :]
+            mask = None if mask is None else mask[..., n - queries :, :]
+            n = queries
         if extend is not None:
             k_all, v_all = extend(k, v)
         elif prefix is not None:
@@ -191,9 +197,13 @@ class AdaLNBlock(nn.Module):
         prefix: tuple[Tensor, Tensor] | None = None,
         extend: KVExtend | None = None,
         mask: Tensor | None = None,
+        queries: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # x: (B, N, D), mod: (B|1, N|1, 6, D) or this block's SharedBlockModulation (from
-        # ``shared_modulations``) -> (B, N, D), plus new keys (rotated) / values
+        # ``shared_modulations``) -> (B, Q, D), plus new keys (rotated) / values (B, h, N, hd).
+        # queries=Q: only the last Q tokens are carried on (a stack's last block, when the tokens before
+        # them feed nothing after it); the others still serve as keys/values. None: Q = N.
+        rest = x if queries is None else x[:, x.shape[1] - queries :]
         if isinstance(mod, tuple):
             # The modulation folds into layer_norm's affine parameters: one op instead of four.
             d = x.shape[-1]
@@ -204,15 +214,23 @@ class AdaLNBlock(nn.Module):
                 prefix=prefix,
                 extend=extend,
                 mask=mask,
+                queries=queries,
             )
-            x = torch.addcmul(x, gate1, h)
+            x = torch.addcmul(rest, gate1, h)
             x = torch.addcmul(x, gate2, self.mlp(F.layer_norm(x, (d,), weight2, shift2, self.norm2.eps)))
             return x, k, v
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.mod_table).unbind(dim=-2)
         h, k, v = self.attn(
-            modulate(self.norm1(x), shift1, scale1), rope=rope, prefix=prefix, extend=extend, mask=mask
+            modulate(self.norm1(x), shift1, scale1),
+            rope=rope,
+            prefix=prefix,
+            extend=extend,
+            mask=mask,
+            queries=queries,
         )
-        x = x + gate1 * h
+        if queries is not None and shift2.shape[-2] > 1:  # per-token modulation: the carried tokens' rows
+            shift2, scale2, gate1, gate2 = (m[..., -queries:, :] for m in (shift2, scale2, gate1, gate2))
+        x = rest + gate1 * h
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x, k, v
 
