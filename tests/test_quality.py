@@ -99,6 +99,12 @@ def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path
         "train.batch_size=4",
     ]
     assert "data.obs_keys=[image]" in overrides and "train.num_threads=1" in overrides
+    cfg.policy = {"decoder_layers": 1, "image_channels": [8, 16], "dropout": None}
+    with_policy = train_overrides(cfg, Cell("push_t", False), "scd", tmp_path / "d.zarr", run_dir)
+    assert {"policy.decoder_layers=1", "policy.image_channels=[8,16]", "policy.dropout=null"} <= set(
+        with_policy
+    )
+    assert "data.obs_keys=[image]" not in with_policy
     # The task's overrides come after the shared ones (and the user's after those): the last one wins.
     assert overrides.index("policy.horizon=4") < overrides.index("policy.horizon=8")
     assert "train.resume=true" not in overrides
@@ -132,6 +138,34 @@ def test_command_line_help_and_bad_values() -> None:
     result = subprocess.run([*_cli(), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scd-quality out=<dir>" in result.stdout and "image_obs_keys:" in result.stdout
-    bad = subprocess.run([*_cli(), "tasks=[no_such_task]"], capture_output=True, text=True, timeout=120)
+    assert "encoder_layers: 4" in result.stdout  # the `size` group (small by default) fills `policy`
+    args = ["size=tiny", "policy.decoder_layers=1", "overrides=['train.lr=1e-4']", "tasks=[no_such_task]"]
+    bad = subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
     assert "configuration error: unknown tasks ['no_such_task']" in bad.stderr
+
+
+@pytest.mark.slow
+def test_command_line_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = [
+        f"out={out}",
+        "size=tiny",
+        "tasks=[memory_cue]",
+        "image_tasks=[]",
+        "policies=[scd]",
+        "demos=2",
+        "steps=4",
+        "batch_size=2",
+        "threads=1",
+        "episodes=1",
+        "seeds=[0]",
+        "n_envs=1",
+        "workers=0",
+        "overrides=[" + ",".join(f"'{o}'" for o in TINY) + "]",
+    ]
+    result = subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    assert [(r["task"], r["policy"]) for r in rows] == [("memory_cue", "scd")]
+    assert json.loads((out / "runs/memory_cue/scd/checkpoints/latest.json").read_text())["step"] == 4

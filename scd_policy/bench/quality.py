@@ -51,7 +51,10 @@ class QualityConfig:
     image_size: int = 96
     policies: list[str] = field(default_factory=lambda: list(POLICY_TYPES))
     demos: int = 100  # expert demonstrations per cell (scripted experts, seeds 0, 1, ...)
-    size: str = "small"  # size preset of every policy (configs/size/)
+    size: str = "small"  # size preset of every policy (on the command line: the `size` config group)
+    # Policy fields on top of the preset, for every run (the CLI's `size` group fills them;
+    # policy.decoder_layers=1 ...).
+    policy: dict[str, Any] = field(default_factory=dict)
     steps: int = 20_000  # training steps of every run
     batch_size: int = 64
     threads: int | None = None  # torch CPU threads per training (None: torch's default)
@@ -115,6 +118,7 @@ def train_overrides(cfg: QualityConfig, cell: Cell, policy: str, dataset: Path, 
         f"train.checkpoint_every={max(1, min(1000, cfg.steps // 4))}",
         f"train.val_every={max(1, min(1000, cfg.steps // 4))}",
     ]
+    overrides += [f"policy.{key}={_override_value(value)}" for key, value in cfg.policy.items()]
     if cfg.threads is not None:
         overrides.append(f"train.num_threads={cfg.threads}")
     if cell.image:
@@ -123,6 +127,13 @@ def train_overrides(cfg: QualityConfig, cell: Cell, policy: str, dataset: Path, 
     if (run_dir / "checkpoints" / "latest.json").exists():
         overrides.append("train.resume=true")
     return overrides
+
+
+def _override_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it (lists as [a,b], None as null)."""
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
 
 
 def run_cell(cfg: QualityConfig, cell: Cell, policy: str) -> dict[str, Any]:

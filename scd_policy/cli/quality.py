@@ -8,6 +8,7 @@ import sys
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from scd_policy.bench.quality import QualityConfig, run_quality
@@ -19,7 +20,9 @@ from scd_policy.config import config_dir, register_configs
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     os.environ.setdefault("MUJOCO_GL", "egl")
-    run_quality(to_object(cfg, QualityConfig), "scd-quality " + shlex.join(sys.argv[1:]))
+    quality_cfg = to_object(cfg, QualityConfig)
+    quality_cfg.size = HydraConfig.get().runtime.choices.get("size") or quality_cfg.size
+    run_quality(quality_cfg, "scd-quality " + shlex.join(sys.argv[1:]))
 
 
 def main() -> None:

@@ -39,10 +39,21 @@ def rollout_during_training(cfg: ExperimentConfig, run_dir: Path) -> RolloutFn |
 def compose_experiment(overrides: list[str]) -> ExperimentConfig:
     """The ExperimentConfig ``scd-train <overrides>`` would run (for scripts, tests and the demo)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
-        cfg = compose("train", overrides=overrides)
+    # Called from inside another Hydra app (scd-quality) the global Hydra instance is taken: compose in
+    # a clean one, then hand the outer one back.
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose("train", overrides=overrides)
+    finally:
+        if outer is not None:
+            global_hydra.clear()
+            global_hydra.initialize(outer)
     return to_object(cfg, ExperimentConfig)
 
 
