@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from scd_policy.cli.collect import CollectConfig, collect
 from scd_policy.cli.eval import EvalRunConfig, run_eval
 from scd_policy.cli.train import compose_experiment, run_training
-from scd_policy.policies import load_policy
+from scd_policy.policies import Policy, load_policy
 from scd_policy.runtime import SCDPolicy
+from scd_policy.training.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +177,19 @@ def test_ddp_two_cpu_ranks(dataset: Path, tmp_path: Path) -> None:
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     policy = load_policy(run_dir / "checkpoints" / "step_00000010" / "policy")
     assert policy.config.type == "scd"
+
+
+def test_a_failing_rollout_at_the_end_keeps_the_trained_steps(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = compose_experiment(tiny_overrides(dataset, run_dir, 12, "train.eval_every=6"))
+
+    def rollout(policy: Policy, step: int) -> dict[str, float]:
+        if step == 12:
+            raise RuntimeError("simulator crashed")
+        return {"success_rate": 0.5}
+
+    with pytest.raises(RuntimeError, match="simulator crashed"):
+        train(cfg, run_dir, rollout)
+    # The last steps were checkpointed before the rollout that failed; the earlier best is kept.
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"] == 12
+    assert json.loads((run_dir / "best.json").read_text()) == {"step": 6, "success_rate": 0.5}

@@ -177,6 +177,9 @@ def _train(
                 checkpoint, model=policy, ema_model=ema.shadow, optimizer=optimizer, scheduler=scheduler
             )
             ema.num_updates = state.ema_updates
+            best_file = run_dir / "best.json"
+            if best_file.exists():  # newer than the checkpoint when rollouts ran after it was written
+                state.best_success = float(json.loads(best_file.read_text())["success_rate"])
             log.info("resumed from %s at step %d", checkpoint, state.step)
 
     model: nn.Module = _LossModule(policy)
@@ -249,6 +252,17 @@ def _train(
             log.info("step %d: validation loss (EMA) %.4f", state.step, val)
             if writer is not None:
                 writer.add_scalar("val/loss", val, state.step)
+        # Checkpoint before the rollouts: a failure there must not cost the steps just trained (the
+        # best-so-far success is read back from best.json on resume, see above).
+        if dist_info.is_main and (state.step % tcfg.checkpoint_every == 0 or is_last):
+            save_checkpoint(
+                run_dir,
+                model=policy,
+                ema_model=ema.shadow,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                state=state,
+            )
         if (
             dist_info.is_main
             and rollout_fn is not None
@@ -266,15 +280,6 @@ def _train(
                 atomic_write_text(
                     run_dir / "best.json", json.dumps({"step": state.step, "success_rate": success})
                 )
-        if dist_info.is_main and (state.step % tcfg.checkpoint_every == 0 or is_last):
-            save_checkpoint(
-                run_dir,
-                model=policy,
-                ema_model=ema.shadow,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=state,
-            )
         barrier(dist_info)
     progress.close()
     if writer is not None:
