@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import scd_policy.cli.train
-from scd_policy.bench.quality import Cell, QualityConfig, run_quality, train_overrides
+from scd_policy.bench.quality import Cell, QualityConfig, run_dir_of, run_quality, train_overrides
 from scd_policy.config import ConfigError
 from scd_policy.policies import load_policy
 
@@ -39,6 +40,7 @@ def tiny_sweep(out: Path) -> QualityConfig:
         overrides=TINY,
         episodes=2,
         seeds=[0, 1],
+        train_seeds=[0, 3],
         n_envs=1,
         workers=0,
         image_size=32,
@@ -59,8 +61,11 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
         ("reach_around", "image", "diffusion_policy"),
     ]
     for row in rows:
-        assert 0.0 <= row["success_rate"] <= 1.0 and len(row["per_seed_success"]) == 2
-        assert row["episodes_per_seed"] == 2 and row["seeds"] == [0, 1]
+        # Two training seeds, each scored on both evaluation seeds, pooled.
+        assert len(row["per_seed_success"]) == 2 and all(len(s) == 2 for s in row["per_seed_success"])
+        pooled = [rate for rates in row["per_seed_success"] for rate in rates]
+        assert row["success_rate"] == pytest.approx(sum(pooled) / 4)
+        assert row["episodes_per_seed"] == 2 and row["seeds"] == [0, 1] and len(row["checkpoints"]) == 2
     # push_t reports its goal coverage (best over the episode, and at the end); other tasks have none.
     for row in rows[:2]:
         assert 0.0 <= row["final_coverage"] <= row["max_coverage"] <= 1.0
@@ -74,7 +79,9 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
     assert (out / "quality.png").stat().st_size > 1000
     # Same demonstrations for every policy of a cell; the image cell's policies read the camera only.
     assert sorted(p.name for p in (out / "data").iterdir()) == ["push_t.zarr", "reach_around_image.zarr"]
-    image_policy = load_policy(Path(rows[2]["checkpoint"]))
+    trained = OmegaConf.load(out / "runs/push_t/scd/seed3/config.yaml")
+    assert trained.train.seed == 3 and trained.policy.d_model == 64  # the seed and the tiny preset
+    image_policy = load_policy(Path(rows[2]["checkpoints"][0]))
     assert image_policy.config.input_shapes == {"image": [3, 32, 32]}
 
     # Running the same sweep again reads every finished run back: nothing is trained a second time.
@@ -88,19 +95,21 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
 def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
     cfg = tiny_sweep(tmp_path)
     cfg.task_overrides = {"push_t": ["policy.horizon=4"]}
-    run_dir = tmp_path / "runs" / "push_t_image" / "scd"
-    overrides = train_overrides(cfg, Cell("push_t", True), "scd", tmp_path / "d.zarr", run_dir)
-    assert overrides[:6] == [
+    run_dir = run_dir_of(cfg, Cell("push_t", True), "scd", 3)
+    assert run_dir == tmp_path / "runs" / "push_t_image" / "scd" / "seed3"
+    overrides = train_overrides(cfg, Cell("push_t", True), "scd", 3, tmp_path / "d.zarr", run_dir)
+    assert overrides[:7] == [
         f"dataset={tmp_path / 'd.zarr'}",
         f"out={run_dir}",
         "policy=scd",
         "size=tiny",
         "train.steps=6",
         "train.batch_size=4",
+        "train.seed=3",
     ]
     assert "data.obs_keys=[image]" in overrides and "train.num_threads=1" in overrides
     cfg.policy = {"decoder_layers": 1, "image_channels": [8, 16], "dropout": None}
-    with_policy = train_overrides(cfg, Cell("push_t", False), "scd", tmp_path / "d.zarr", run_dir)
+    with_policy = train_overrides(cfg, Cell("push_t", False), "scd", 3, tmp_path / "d.zarr", run_dir)
     assert {"policy.decoder_layers=1", "policy.image_channels=[8,16]", "policy.dropout=null"} <= set(
         with_policy
     )
@@ -111,7 +120,7 @@ def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path
 
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest.json").write_text('{"name": "step_00000002", "step": 2}')
-    resumed = train_overrides(cfg, Cell("push_t", True), "scd", tmp_path / "d.zarr", run_dir)
+    resumed = train_overrides(cfg, Cell("push_t", True), "scd", 3, tmp_path / "d.zarr", run_dir)
     assert resumed[-1] == "train.resume=true"
 
 
@@ -122,6 +131,7 @@ def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path
         ({"policies": ["scd", "ppo"]}, "expected a non-empty subset of"),
         ({"tasks": [], "image_tasks": []}, "nothing to run"),
         ({"seeds": []}, "at least one evaluation seed"),
+        ({"train_seeds": [1, 1]}, "expected distinct training seeds"),
         ({"steps": 0}, "steps must be >= 1"),
     ],
 )
@@ -168,4 +178,4 @@ def test_command_line_sweep(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "quality.json").read_text())["rows"]
     assert [(r["task"], r["policy"]) for r in rows] == [("memory_cue", "scd")]
-    assert json.loads((out / "runs/memory_cue/scd/checkpoints/latest.json").read_text())["step"] == 4
+    assert json.loads((out / "runs/memory_cue/scd/seed0/checkpoints/latest.json").read_text())["step"] == 4

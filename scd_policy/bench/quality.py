@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from scd_policy.config import POLICY_TYPES, ConfigError
 from scd_policy.io import atomic_write_text
 
@@ -62,6 +64,9 @@ class QualityConfig:
     task_overrides: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_TASK_OVERRIDES))
     episodes: int = 50  # evaluation episodes per seed
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (fixed lists)
+    # Training seeds: each (cell, policy) is trained once per seed (train.seed) and every run is scored
+    # on all evaluation seeds; the table pools them.
+    train_seeds: list[int] = field(default_factory=lambda: [0])
     n_envs: int = 2  # parallel environments during evaluation
     workers: int = 2  # collection worker processes
 
@@ -76,6 +81,8 @@ class QualityConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one evaluation seed")
+        if not self.train_seeds or len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ConfigError(f"train_seeds={self.train_seeds}: expected distinct training seeds")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
         from envs.registry import task_names
@@ -106,7 +113,13 @@ def cells(cfg: QualityConfig) -> list[Cell]:
     return [Cell(task, False) for task in cfg.tasks] + [Cell(task, True) for task in cfg.image_tasks]
 
 
-def train_overrides(cfg: QualityConfig, cell: Cell, policy: str, dataset: Path, run_dir: Path) -> list[str]:
+def run_dir_of(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> Path:
+    return Path(cfg.out) / "runs" / cell.name / policy / f"seed{seed}"
+
+
+def train_overrides(
+    cfg: QualityConfig, cell: Cell, policy: str, seed: int, dataset: Path, run_dir: Path
+) -> list[str]:
     """The ``scd-train`` overrides of one run: the shared budget, then the task's and the user's."""
     overrides = [
         f"dataset={dataset}",
@@ -115,6 +128,7 @@ def train_overrides(cfg: QualityConfig, cell: Cell, policy: str, dataset: Path, 
         f"size={cfg.size}",
         f"train.steps={cfg.steps}",
         f"train.batch_size={cfg.batch_size}",
+        f"train.seed={seed}",
         f"train.checkpoint_every={max(1, min(1000, cfg.steps // 4))}",
         f"train.val_every={max(1, min(1000, cfg.steps // 4))}",
     ]
@@ -136,17 +150,18 @@ def _override_value(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def run_cell(cfg: QualityConfig, cell: Cell, policy: str) -> dict[str, Any]:
-    """Train (or resume) one policy on one cell's demonstrations and evaluate it; reuses a finished run."""
+def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str, Any]:
+    """Train (or resume) one policy on one cell's demonstrations with one training seed and evaluate it;
+    reuses a finished run."""
     from scd_policy.cli.collect import CollectConfig, collect_up_to
     from scd_policy.cli.eval import EvalRunConfig, run_eval
     from scd_policy.cli.train import compose_experiment, run_training
 
     out = Path(cfg.out)
-    run_dir = out / "runs" / cell.name / policy
+    run_dir = run_dir_of(cfg, cell, policy, seed)
     results_path = run_dir / "eval.json"
     if results_path.exists():
-        log.info("%s / %s: already evaluated (%s)", cell.name, policy, results_path)
+        log.info("%s / %s / seed %d: already evaluated (%s)", cell.name, policy, seed, results_path)
         results: dict[str, Any] = json.loads(results_path.read_text())
         return results
     dataset = out / "data" / f"{cell.name}.zarr"
@@ -160,11 +175,26 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str) -> dict[str, Any]:
         ),
         cfg.demos,
     )
-    log.info("%s / %s: training (%s preset, %d steps) -> %s", cell.name, policy, cfg.size, cfg.steps, run_dir)
+    log.info(
+        "%s / %s / seed %d: training (%s preset, %d steps) -> %s",
+        cell.name,
+        policy,
+        seed,
+        cfg.size,
+        cfg.steps,
+        run_dir,
+    )
     # The task is left out of the training config: the sweep scores the final weights once, below,
     # instead of paying for rollouts during training.
-    policy_dir = run_training(compose_experiment(train_overrides(cfg, cell, policy, dataset, run_dir)))
-    log.info("%s / %s: evaluating %d episodes x seeds %s", cell.name, policy, cfg.episodes, cfg.seeds)
+    policy_dir = run_training(compose_experiment(train_overrides(cfg, cell, policy, seed, dataset, run_dir)))
+    log.info(
+        "%s / %s / seed %d: evaluating %d episodes x seeds %s",
+        cell.name,
+        policy,
+        seed,
+        cfg.episodes,
+        cfg.seeds,
+    )
     return run_eval(
         EvalRunConfig(
             checkpoint=str(policy_dir),
@@ -178,23 +208,26 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str) -> dict[str, Any]:
     )
 
 
-def table_row(cell: Cell, policy: str, results: dict[str, Any]) -> dict[str, Any]:
-    """One (cell, policy) entry of quality.json."""
-    row = {
+def table_row(cell: Cell, policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One (cell, policy) entry of quality.json from its runs' evaluation results (one per training
+    seed): success pooled over every (training seed, evaluation seed) pair, std over those pairs."""
+    per_seed = [[s["success_rate"] for s in r["per_seed"]] for r in runs]
+    pooled = np.array([rate for rates in per_seed for rate in rates])
+    row: dict[str, Any] = {
         "task": cell.task,
         "observation": cell.observation,
         "policy": policy,
-        "success_rate": results["success_rate"],
-        "success_rate_std": results["success_rate_std"],
-        "per_seed_success": [s["success_rate"] for s in results["per_seed"]],
-        "episodes_per_seed": results["episodes_per_seed"],
-        "seeds": results["seeds"],
-        "mean_return": results["mean_return"],
-        "checkpoint": results.get("checkpoint"),
+        "success_rate": float(pooled.mean()),
+        "success_rate_std": float(pooled.std()),
+        "per_seed_success": per_seed,  # [training seed][evaluation seed]
+        "episodes_per_seed": runs[0]["episodes_per_seed"],
+        "seeds": runs[0]["seeds"],
+        "mean_return": float(np.mean([r["mean_return"] for r in runs])),
+        "checkpoints": [r.get("checkpoint") for r in runs],
     }
-    for key, value in results.items():
-        if key.startswith(("max_", "final_")):  # the task's episode metrics, e.g. push_t's coverage
-            row[key] = value
+    for key in runs[0]:
+        if key.startswith(("max_", "final_")) and not key.endswith("_std"):  # e.g. push_t's coverage
+            row[key] = float(np.mean([r[key] for r in runs]))
     return row
 
 
@@ -209,7 +242,8 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
     """The table: one line per cell, a column per policy, and SCD's margin over the better baseline."""
     policies = [p for p in POLICY_TYPES if p in cfg.policies]
     lines = [
-        f"Success rate, mean ± std over evaluation seeds {cfg.seeds} ({cfg.episodes} episodes each); "
+        f"Success rate, mean ± std over training seeds {cfg.train_seeds} x evaluation seeds {cfg.seeds} "
+        f"({cfg.episodes} episodes each); "
         f"{cfg.demos} demonstrations per task, `{cfg.size}` preset, {cfg.steps} steps of batch "
         f"{cfg.batch_size} for every policy. PushT: mean best coverage per episode in brackets.",
         "",
@@ -278,7 +312,8 @@ def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[s
     rows: list[dict[str, Any]] = []
     for cell in cells(cfg):
         for policy in cfg.policies:
-            rows.append(table_row(cell, policy, run_cell(cfg, cell, policy)))
+            runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]
+            rows.append(table_row(cell, policy, runs))
             paths = write_table(rows, cfg, command)
             log.info(
                 "%s / %s: success %.1f%% ± %.1f -> %s",
