@@ -63,6 +63,7 @@ def test_diffusion_policy_offsets() -> None:
         (lambda: PolicyConfig(d_model=12, n_heads=4), "even"),
         (lambda: PolicyConfig(train_window=32, context_window=16), "context_window=16 must be >= train_w"),
         (lambda: PolicyConfig(horizon=0), "policy.horizon must be >= 1"),
+        (lambda: PolicyConfig(prev_action_dropout=1.0), r"prev_action_dropout=1.0 must be in \[0, 1\)"),
         (lambda: PolicyConfig(dropout=1.0), "dropout"),
         (lambda: DiffusionConfig(process="flow", sampler="ddim"), "does not fit process 'flow'"),
         (
@@ -80,6 +81,13 @@ def test_diffusion_policy_offsets() -> None:
 def test_validation_errors(build: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_context_window_defaults_to_the_training_window() -> None:
+    # Attending further back at run time than in training is opt-in (it cost success on Meta-World).
+    assert PolicyConfig(train_window=32).context_window == 32
+    assert PolicyConfig(train_window=8, context_window=24).context_window == 24
+    assert dataclasses.replace(PolicyConfig(train_window=8), horizon=4, n_action_steps=4).context_window == 8
 
 
 def test_limits_are_inclusive() -> None:

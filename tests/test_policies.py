@@ -242,6 +242,36 @@ def test_loss_and_inference_end_to_end(policy_type: str, image: bool, buffer: Re
 
 
 @pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
+def test_prev_action_dropout_hides_previous_actions_in_training_only(
+    policy_type: str, buffer: ReplayBuffer
+) -> None:
+    plain = build(policy_type, buffer)
+    dropping = build(policy_type, buffer, prev_action_dropout=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    batch = batch_of(plain, buffer, [5, 30])
+    plain.train()
+    dropping.train()
+    torch.manual_seed(0)
+    reference = plain.training_inputs(batch).tokens  # (B, W, S, D); slot -1: the previous action
+    torch.manual_seed(0)
+    dropped = dropping.training_inputs(batch).tokens
+    assert torch.equal(dropped[:, :, :-1], reference[:, :, :-1])  # observation tokens untouched
+    changed = (dropped[:, :, -1] != reference[:, :, -1]).any(dim=-1)  # (B, W)
+    assert 0 < int(changed.sum()) < changed.numel()  # some steps lose their previous action, not all
+    # A hidden previous action is the "no previous action" token of an episode start.
+    no_prev = dropping.tokenizer(
+        {"state": torch.zeros(1, 1, STATE_DIM)},
+        torch.zeros(1, 1, ACTION_DIM),
+        torch.zeros(1, 1, dtype=torch.bool),
+    )[0, 0, -1]
+    torch.testing.assert_close(dropped[:, :, -1][changed], no_prev.expand(int(changed.sum()), -1))
+    dropping.eval()
+    torch.testing.assert_close(
+        dropping.training_inputs(batch).tokens, plain.eval().training_inputs(batch).tokens
+    )
+
+
+@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
 def test_padded_steps_and_actions_do_not_enter_the_loss(policy_type: str, buffer: ReplayBuffer) -> None:
     policy = build(policy_type, buffer)
     randomize_zero_init(policy)

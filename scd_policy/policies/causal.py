@@ -25,6 +25,7 @@ Training batch (raw units, from ``WindowedDataset`` with this config's offsets):
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from scd_policy.policies.base import ACTION_KEY, Policy
 # monolithic baseline's prepared history keys/values.
 StepContext = Tensor | History
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrainingInputs:
@@ -57,6 +60,14 @@ class TrainingInputs:
 class CausalPolicy(Policy):
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
         super().__init__(config, normalizer)
+        if config.context_window > config.train_window:
+            log.warning(
+                "policy.context_window=%d is longer than policy.train_window=%d: at run time the encoder "
+                "attends further back than it ever did in training, which can cost success (set them "
+                "equal, or train on longer windows)",
+                config.context_window,
+                config.train_window,
+            )
         self.tokenizer = StepTokenizer(
             config.input_shapes,
             config.action_dim,
@@ -234,6 +245,9 @@ class CausalPolicy(Policy):
         }
         action_norm = self.normalizer.normalize(ACTION_KEY, action.to(self._dtype()))  # (B, W+H, Da)
         prev_valid = ~action_is_pad[:, :w]  # padded previous action: episode start -> "no previous action"
+        if self.training and self.config.prev_action_dropout > 0:
+            kept = torch.rand(b, w, device=prev_valid.device) >= self.config.prev_action_dropout
+            prev_valid = prev_valid & kept
         tokens = self.tokenizer(obs, self.history_noise(action_norm[:, :w]), prev_valid)
         # Chunk of step i = actions i+1 .. i+H: sliding windows over offsets 0 .. W+H-2.
         chunks = action_norm[:, 1:].unfold(1, h, 1).transpose(-1, -2)  # (B, W, H, Da)

@@ -69,7 +69,7 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
     n_action_steps: int = 8
     n_obs_steps: int = 2  # diffusion_policy only; the causal architectures read their whole history
     train_window: int = 16
-    context_window: int = 64
+    context_window: int = 0  # 0: train_window (a longer run-time window attends further back than training)
 
     # Network (PolicyConfig's defaults).
     d_model: int = 256
