@@ -14,6 +14,7 @@ rest. The step-t observation stored is the one the expert acted on, paired with 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -318,16 +319,31 @@ def _episodes_in_process(options: EnvOptions, seeds: range, stop: _StopRequest) 
         runner.close()
 
 
-def _episodes_in_pool(pool: multiprocessing.pool.Pool, seeds: range, stop: _StopRequest) -> Iterator[Episode]:
-    # imap keeps seed order; a short timeout lets the loop notice a stop request while it waits.
-    results = pool.imap(_run_in_worker, seeds, chunksize=1)
-    while stop.signum is None:
+def _episodes_in_pool(
+    pool: multiprocessing.pool.Pool, seeds: range, stop: _StopRequest, in_flight: int
+) -> Iterator[Episode]:
+    """Episodes in seed order, with at most ``in_flight`` submitted ahead. Bounded, so that the pool can
+    be closed and joined once enough episodes are saved (waiting for a few short episodes) instead of
+    terminated with a queue full of work: ``Pool.terminate`` can deadlock on its queues' locks, which
+    hung a collection after its last episode under load."""
+    remaining = iter(seeds)
+    pending: collections.deque[multiprocessing.pool.AsyncResult[Episode]] = collections.deque()
+
+    def submit() -> None:
+        seed = next(remaining, None)
+        if seed is not None:
+            pending.append(pool.apply_async(_run_in_worker, (seed,)))
+
+    for _ in range(in_flight):
+        submit()
+    while pending and stop.signum is None:
         try:
-            yield results.next(timeout=0.2)
+            episode = pending[0].get(timeout=0.2)  # a short timeout notices a stop request while waiting
         except multiprocessing.TimeoutError:
             continue
-        except StopIteration:
-            return
+        pending.popleft()
+        submit()
+        yield episode
 
 
 @contextlib.contextmanager
@@ -418,7 +434,7 @@ def _collect_into(
         if cfg.workers > 0:
             context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited GL state
             pool = context.Pool(cfg.workers, initializer=_init_worker, initargs=(options,))
-            episodes = _episodes_in_pool(pool, seeds, stop)
+            episodes = _episodes_in_pool(pool, seeds, stop, in_flight=2 * cfg.workers)
         else:
             episodes = _episodes_in_process(options, seeds, stop)
         for episode in episodes:
@@ -442,13 +458,16 @@ def _collect_into(
                 break
     except KeyboardInterrupt:  # a second Ctrl-C: stop without waiting for the current step
         stop.signum = stop.signum or int(signal.SIGINT)
+        if pool is not None:
+            pool.terminate()  # the episodes still running are not worth waiting for now
     finally:
         bar.close()
         if isinstance(episodes, Generator):
             episodes.close()  # runs the generator's cleanup (closes the in-process env)
         if pool is not None:
-            # Episodes still running are discarded: their seeds were not recorded, so a re-run redoes them.
-            pool.terminate()
+            # The episodes still in flight are discarded (their seeds were not recorded, so a re-run
+            # redoes them); there are at most 2 x workers of them, each a few seconds at most.
+            pool.close()
             pool.join()
     interrupted = stop.signum is not None and saved < cfg.episodes
     run_record["interrupted"] = interrupted
