@@ -245,7 +245,7 @@ def test_loss_and_inference_end_to_end(policy_type: str, image: bool, buffer: Re
 def test_prev_action_dropout_hides_previous_actions_in_training_only(
     policy_type: str, buffer: ReplayBuffer
 ) -> None:
-    plain = build(policy_type, buffer)
+    plain = build(policy_type, buffer, prev_action_dropout=0.0)
     dropping = build(policy_type, buffer, prev_action_dropout=0.5)
     dropping.load_state_dict(plain.state_dict())
     batch = batch_of(plain, buffer, [5, 30])

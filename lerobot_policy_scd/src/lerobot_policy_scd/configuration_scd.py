@@ -86,6 +86,7 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
     decoder_repeats: int = 2
     context_noise: float = 0.05
     history_noise: float = 0.0
+    prev_action_dropout: float = 0.5
     decoder_lr_scale: float = 2.0
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
@@ -142,6 +143,7 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
             decoder_repeats=self.decoder_repeats,
             context_noise=self.context_noise,
             history_noise=self.history_noise,
+            prev_action_dropout=self.prev_action_dropout,
             decoder_lr_scale=self.decoder_lr_scale,
             diffusion=diffusion,
             input_shapes=dict(input_shapes or {}),
