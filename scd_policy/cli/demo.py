@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -49,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    os.environ.setdefault("MUJOCO_GL", "egl")
     # Imported after argument parsing so that --help is instant.
     from scd_policy.cli.collect import CollectConfig, collect_up_to
     from scd_policy.cli.eval import EvalRunConfig, run_eval

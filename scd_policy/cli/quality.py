@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 
@@ -19,7 +18,6 @@ from scd_policy.config import config_dir, register_configs
 @hydra.main(config_path=str(config_dir()), config_name="quality", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
-    os.environ.setdefault("MUJOCO_GL", "egl")
     quality_cfg = to_object(cfg, QualityConfig)
     quality_cfg.size = HydraConfig.get().runtime.choices.get("size") or quality_cfg.size
     run_quality(quality_cfg, "scd-quality " + shlex.join(sys.argv[1:]))
