@@ -103,7 +103,7 @@ def test_policy_config_from_dict_round_trip_and_unknown_keys() -> None:
 
 
 # ----------------------------------------------------------------------------- Hydra
-SIZES = {"tiny": (64, 2, 1), "small": (128, 4, 2), "base": (256, 6, 2)}
+SIZES = {"tiny": (64, 2, 1), "small": (128, 5, 1), "base": (256, 7, 1)}
 
 
 def _compose(overrides: list[str]) -> ExperimentConfig:

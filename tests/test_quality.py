@@ -91,6 +91,18 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
     monkeypatch.setattr(scd_policy.cli.train, "run_training", no_training)
     assert run_quality(cfg, command="scd-quality test") == rows
 
+    # report_only: the table from what is evaluated, nothing run; a (cell, policy) with a training seed
+    # not evaluated yet is left out (here: scd on the image cell loses its seed-3 evaluation).
+    (out / "runs/reach_around_image/scd/seed3/eval.json").unlink()
+    cfg.report_only = True
+    reported = run_quality(cfg, command="scd-quality report")
+    assert reported == [rows[0], rows[1], rows[3]]
+    assert json.loads((out / "quality.json").read_text())["rows"] == reported
+    assert "| reach_around | image | — |" in (out / "quality.md").read_text()
+    cfg.tasks, cfg.image_tasks = ["memory_cue"], []
+    with pytest.raises(ConfigError, match=r"no evaluated runs under .*run the sweep without report_only"):
+        run_quality(cfg)
+
 
 def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
     cfg = tiny_sweep(tmp_path)
@@ -148,7 +160,7 @@ def test_command_line_help_and_bad_values() -> None:
     result = subprocess.run([*_cli(), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scd-quality out=<dir>" in result.stdout and "image_obs_keys:" in result.stdout
-    assert "encoder_layers: 4" in result.stdout  # the `size` group (small by default) fills `policy`
+    assert "encoder_layers: 5" in result.stdout  # the `size` group (small by default) fills `policy`
     args = ["size=tiny", "policy.decoder_layers=1", "overrides=['train.lr=1e-4']", "tasks=[no_such_task]"]
     bad = subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0

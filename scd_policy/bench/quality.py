@@ -69,6 +69,9 @@ class QualityConfig:
     train_seeds: list[int] = field(default_factory=lambda: [0])
     n_envs: int = 2  # parallel environments during evaluation
     workers: int = 2  # collection worker processes
+    # Train and evaluate nothing: rewrite the table from the runs already evaluated under `out` (e.g. a
+    # sweep split over several machines by task, its runs/ folders copied together).
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.policies) - set(POLICY_TYPES))
@@ -307,9 +310,34 @@ def write_table(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) ->
     return paths
 
 
-def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[str, Any]]:
-    """Run every (cell, policy) of the sweep in order, rewriting the table after each; returns its rows."""
+def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
+    """The table rows of every (cell, policy) whose runs are all evaluated already (``report_only``)."""
     rows: list[dict[str, Any]] = []
+    for cell in cells(cfg):
+        for policy in cfg.policies:
+            paths = [run_dir_of(cfg, cell, policy, seed) / "eval.json" for seed in cfg.train_seeds]
+            missing = [str(path) for path in paths if not path.exists()]
+            if missing:
+                log.info("%s / %s: left out of the table, not evaluated yet: %s", cell.name, policy, missing)
+                continue
+            rows.append(table_row(cell, policy, [json.loads(path.read_text()) for path in paths]))
+    if not rows:
+        raise ConfigError(
+            f"report_only=true: no evaluated runs under {Path(cfg.out) / 'runs'} for these tasks, "
+            f"policies and train_seeds {cfg.train_seeds}; run the sweep without report_only first"
+        )
+    return rows
+
+
+def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[str, Any]]:
+    """Run every (cell, policy) of the sweep in order, rewriting the table after each; returns its rows.
+    With ``report_only`` nothing is run: the table is written from the runs evaluated already."""
+    if cfg.report_only:
+        rows = evaluated_rows(cfg)
+        paths = write_table(rows, cfg, command)
+        log.info("table of %d evaluated (cell, policy) pairs -> %s", len(rows), paths["markdown"])
+        return rows
+    rows = []
     for cell in cells(cfg):
         for policy in cfg.policies:
             runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]

@@ -74,8 +74,8 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
     # Network (PolicyConfig's defaults).
     d_model: int = 256
     n_heads: int = 4
-    encoder_layers: int = 6
-    decoder_layers: int = 2
+    encoder_layers: int = 7
+    decoder_layers: int = 1
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     n_context_tokens: int = 4
