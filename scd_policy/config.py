@@ -81,7 +81,12 @@ class PolicyConfig:
     horizon: int = 16  # H: actions per predicted chunk
     n_action_steps: int = 8  # actions executed open-loop from each chunk
     n_obs_steps: int = 2  # diffusion_policy: observation window; causal policies ignore it
-    train_window: int = 16  # W: steps per training trajectory window (causal policies)
+    # W: steps per training trajectory window (causal policies), and by default the run-time history.
+    # Short by default, like diffusion_policy's n_obs_steps: on fully observed tasks a longer history
+    # costs success at a fixed budget (mw_push, SCD tiny, 4.5k steps: W = 2 / 4 / 8 / 16 -> 100 / 99 /
+    # 96 / 88%; reach_around W = 2 / 16 -> 23 / 8%: docs/RESULTS.md). Widen it for tasks that need memory
+    # (memory_cue: 32).
+    train_window: int = 2
     # Steps kept in the run-time KV cache before the oldest is evicted; 0: train_window. Longer than
     # train_window means attending further back than training ever did: on mw_button_press_topdown a
     # policy trained with W = 16 succeeded 23% of the time with a 64-step window, 51% with 16.

@@ -68,7 +68,7 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
     horizon: int = 16
     n_action_steps: int = 8
     n_obs_steps: int = 2  # diffusion_policy only; the causal architectures read their whole history
-    train_window: int = 16
+    train_window: int = 2  # PolicyConfig's default: widen it (e.g. 32) for tasks that need memory
     context_window: int = 0  # 0: train_window (a longer run-time window attends further back than training)
 
     # Network (PolicyConfig's defaults).
