@@ -278,7 +278,7 @@ def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
     policies = [p for p in POLICY_TYPES if p in cfg.policies]
     names = [c.name for c in cells(cfg)]
     width = 0.8 / len(policies)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(names)) + 1.5, 4))
     for index, policy in enumerate(policies):
         xs, ys, errs = [], [], []
         for x, cell in enumerate(cells(cfg)):
@@ -290,7 +290,7 @@ def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=policy)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set(ylabel="success rate (%)", ylim=(0, 105), title="Same demonstrations, same training budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
