@@ -43,6 +43,10 @@ class TaskSpec:
     # Numeric ``info`` entries reported every step that evaluation summarises per episode (best and final
     # value), e.g. push_t's goal "coverage" (PushT results are quoted as coverage, not only success).
     episode_metrics: tuple[str, ...] = ()
+    # Steps of history a policy should see to succeed (causal policies: train_window/context_window;
+    # diffusion_policy: n_obs_steps); 0 when the last couple of observations suffice. scd-train warns
+    # when a policy sees less.
+    history_steps: int = 0
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keywords for the entry point
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import zipfile
@@ -182,3 +183,24 @@ def test_wheel_carries_the_configs(tmp_path: Path) -> None:
         timeout=120,
     ).stdout.strip()
     assert Path(out) == tmp_path / "site" / "scd_policy" / "configs"
+
+
+def test_training_warns_when_the_task_needs_more_history_than_the_policy_sees(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from scd_policy.cli.train import warn_if_history_too_short
+
+    caplog.set_level(logging.WARNING, logger="scd_policy.train")
+    short = _compose(["size=tiny"])  # the default 2-step window
+    assert warn_if_history_too_short(short, "memory_cue")
+    assert "task memory_cue needs ~32 steps of history" in caplog.text
+    assert "Set policy.train_window and policy.context_window to 32" in caplog.text
+    caplog.clear()
+    assert warn_if_history_too_short(_compose(["policy=diffusion_policy"]), "memory_cue")
+    assert "Set policy.n_obs_steps to 32" in caplog.text
+    caplog.clear()
+    wide = _compose(["policy.train_window=32", "policy.context_window=32"])
+    assert not warn_if_history_too_short(wide, "memory_cue")
+    # Tasks whose last observations suffice, no task, and a dataset's unknown task: nothing to say.
+    assert not any(warn_if_history_too_short(short, task) for task in ("push_t", "", "someone_elses_task"))
+    assert caplog.text == ""

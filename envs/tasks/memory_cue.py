@@ -192,5 +192,8 @@ SPEC = TaskSpec(
     success="the agent reaches the pad that was lit at the start (reaching the other pad fails)",
     cameras=("top",),
     tags=("own", "memory"),
+    # The cue is visible for the first CUE_STEPS steps and decides the target ~15 steps later; 32 is the
+    # window the demo and the quality table train with.
+    history_steps=32,
 )
 register_task(SPEC)

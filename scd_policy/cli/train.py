@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
@@ -57,8 +58,40 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
     return to_object(cfg, ExperimentConfig)
 
 
+def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
+    """Log a warning (and return True) when the task needs more history than the policy will see."""
+    if not task:
+        return False
+    from envs.registry import get_task
+
+    try:
+        needed = get_task(task).history_steps
+    except KeyError:  # a dataset from elsewhere: nothing known about its task
+        return False
+    policy = cfg.policy
+    seen, fields = (
+        (policy.context_window, "policy.train_window and policy.context_window")
+        if policy.is_causal
+        else (policy.n_obs_steps, "policy.n_obs_steps")
+    )
+    if seen >= needed:
+        return False
+    log.warning(
+        "task %s needs ~%d steps of history (TaskSpec.history_steps) but this %s policy sees %d: it will "
+        "not be able to remember what the task asks for. Set %s to %d.",
+        task,
+        needed,
+        policy.type,
+        seen,
+        fields,
+        needed,
+    )
+    return True
+
+
 def run_training(cfg: ExperimentConfig) -> Path:
     """Train as configured; fills the camera from the dataset card when the policy reads images."""
+    card: dict[str, Any] | None = None
     if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys):
         try:
             card = ReplayBuffer.open(cfg.data.path).meta
@@ -66,6 +99,14 @@ def run_training(cfg: ExperimentConfig) -> Path:
             raise SystemExit(str(error)) from None
         camera = card.get("camera")
         cfg.camera = str(camera) if camera else None
+    task = cfg.task  # the task of the rollouts, else the one the dataset was collected on
+    if not task:
+        try:
+            card = card if card is not None else ReplayBuffer.open(cfg.data.path).meta
+            task = str(card.get("task") or "")
+        except DatasetError:
+            pass  # the trainer reports a bad dataset with its own message
+    warn_if_history_too_short(cfg, task)
     run_dir = Path(cfg.out)
     return train(cfg, run_dir, rollout_during_training(cfg, run_dir))
 
