@@ -129,6 +129,10 @@ def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path
     # The task's overrides come after the shared ones (and the user's after those): the last one wins.
     assert overrides.index("policy.horizon=4") < overrides.index("policy.horizon=8")
     assert "train.resume=true" not in overrides
+    # A task that declares the history it needs gets causal windows that long (memory_cue: 32 steps).
+    memory = train_overrides(cfg, Cell("memory_cue", False), "scd", 0, tmp_path / "m.zarr", run_dir)
+    assert {"policy.train_window=32", "policy.context_window=32"} <= set(memory)
+    assert "policy.train_window=32" not in overrides  # push_t: its last observations suffice
 
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest.json").write_text('{"name": "step_00000002", "step": 2}')

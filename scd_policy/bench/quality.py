@@ -35,9 +35,6 @@ DEFAULT_TASKS = (
     "mw_button_press_topdown",
 )
 DEFAULT_IMAGE_TASKS = ("push_t", "mw_drawer_open")
-# memory_cue's cue and its decision are ~20 control steps apart: the causal policies' training windows
-# and run-time context must span that.
-DEFAULT_TASK_OVERRIDES = {"memory_cue": ["policy.train_window=32", "policy.context_window=32"]}
 
 
 @dataclass
@@ -61,7 +58,9 @@ class QualityConfig:
     batch_size: int = 64
     threads: int | None = None  # torch CPU threads per training (None: torch's default)
     overrides: list[str] = field(default_factory=list)  # further scd-train overrides for every run
-    task_overrides: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_TASK_OVERRIDES))
+    # Per-task scd-train overrides, after the shared ones. A task that declares the history it needs
+    # (TaskSpec.history_steps, memory_cue: 32) gets causal windows that long without asking.
+    task_overrides: dict[str, list[str]] = field(default_factory=dict)
     episodes: int = 50  # evaluation episodes per seed
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (fixed lists)
     # Training seeds: each (cell, policy) is trained once per seed (train.seed) and every run is scored
@@ -124,6 +123,8 @@ def train_overrides(
     cfg: QualityConfig, cell: Cell, policy: str, seed: int, dataset: Path, run_dir: Path
 ) -> list[str]:
     """The ``scd-train`` overrides of one run: the shared budget, then the task's and the user's."""
+    from scd_policy.cli.train import history_overrides
+
     overrides = [
         f"dataset={dataset}",
         f"out={run_dir}",
@@ -140,6 +141,7 @@ def train_overrides(
         overrides.append(f"train.num_threads={cfg.threads}")
     if cell.image:
         overrides.append(f"data.obs_keys=[{','.join(cfg.image_obs_keys)}]")
+    overrides += history_overrides(cell.task)
     overrides += [*cfg.task_overrides.get(cell.task, []), *cfg.overrides]
     if (run_dir / "checkpoints" / "latest.json").exists():
         overrides.append("train.resume=true")

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after argument parsing so that --help is instant.
     from scd_policy.cli.collect import CollectConfig, collect_up_to
     from scd_policy.cli.eval import EvalRunConfig, run_eval
-    from scd_policy.cli.train import compose_experiment, run_training
+    from scd_policy.cli.train import compose_experiment, history_overrides, run_training
 
     workdir = Path(args.workdir)
     dataset = workdir / "datasets" / f"{args.task}.zarr"
@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             f"dataset={dataset}",
             f"out={run_dir}",
             f"size={args.size}",
-            # Trajectory windows long enough to hold a memory_cue episode from cue to decision.
-            "policy.train_window=32",
-            "policy.context_window=32",
+            # memory_cue: windows long enough to hold an episode from cue to decision (32 steps).
+            *history_overrides(args.task),
             f"train.steps={args.steps}",
             "train.batch_size=32",
             "train.warmup_steps=100",

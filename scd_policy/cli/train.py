@@ -58,6 +58,15 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
     return to_object(cfg, ExperimentConfig)
 
 
+def history_overrides(task: str) -> list[str]:
+    """The scd-train overrides that give the causal policies the history window ``task`` declares
+    (``TaskSpec.history_steps``); none for a task whose last observations suffice."""
+    from envs.registry import get_task
+
+    steps = get_task(task).history_steps
+    return [f"policy.train_window={steps}", f"policy.context_window={steps}"] if steps else []
+
+
 def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
     """Log a warning (and return True) when the task needs more history than the policy will see."""
     if not task:
