@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             f"dataset={dataset}",
             f"out={run_dir}",
             f"size={args.size}",
-            # memory_cue: windows long enough to hold an episode from cue to decision (32 steps).
+            # The history window the task declares (memory_cue: 32 steps, from cue to decision).
             *history_overrides(args.task),
             f"train.steps={args.steps}",
             "train.batch_size=32",
