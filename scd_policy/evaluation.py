@@ -96,7 +96,7 @@ def evaluate(
     obs_keys = list(policy.config.input_shapes)
     per_seed: list[dict[str, Any]] = []
     latencies: list[float] = []
-    videos: list[str] = []
+    recorded: dict[str, list[np.ndarray]] = {}  # video file name -> frames, written after the results
     try:
         bar = tqdm(total=cfg.episodes * len(cfg.seeds), desc=f"eval {settings.task}", disable=not progress)
         for seed in cfg.seeds:
@@ -120,14 +120,9 @@ def evaluate(
                 spec.episode_metrics,
             )
             latencies.extend(runtime.latencies_ms)
-            if record and video_dir is not None:
-                for episode, frames in outcome.pop("frames").items():
-                    videos.append(
-                        _write_video(video_dir / f"seed{seed}_episode{episode}.mp4", frames, spec.fps)
-                    )
-                record = False  # videos of the first seed only
-            else:
-                outcome.pop("frames")
+            for episode, frames in outcome.pop("frames").items():
+                recorded[f"seed{seed}_episode{episode}.mp4"] = frames
+            record = False  # videos of the first seed only
             per_seed.append({"seed": seed, **outcome})
         bar.close()
     finally:
@@ -150,10 +145,23 @@ def evaluate(
         "latency_batch": n_envs,
         "num_inference_steps": cfg.num_inference_steps or policy.config.diffusion.num_inference_steps,
         "per_seed": per_seed,
-        "videos": videos,
+        "videos": [],
     }
+    # The numbers first: a video that cannot be written (codec, disk) must not cost the evaluation.
     if results_path is not None:
         atomic_write_text(results_path, json.dumps(results, indent=2))
+    if recorded and video_dir is not None:
+        try:
+            results["videos"] = [
+                _write_video(video_dir / name, frames, spec.fps) for name, frames in recorded.items()
+            ]
+        except (OSError, RuntimeError, ValueError) as error:
+            log.warning(
+                "videos not written to %s (%s); the results are complete without them", video_dir, error
+            )
+        else:
+            if results_path is not None:
+                atomic_write_text(results_path, json.dumps(results, indent=2))
     return results
 
 

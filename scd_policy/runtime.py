@@ -55,6 +55,7 @@ from scd_policy.policies import (
 __all__ = [
     "CheckpointError",
     "ObservationError",
+    "PolicyOutputError",
     "SCDPolicy",
     "TemporalEnsembler",
     "compile_denoiser",
@@ -68,8 +69,19 @@ ObsValue = Tensor | npt.ArrayLike
 _IMAGE_RANGE_TOLERANCE = 1e-3
 
 
+# A state value this many training ranges away from the data the policy was fitted on is a broken
+# sensor or a unit mix-up, not an observation: beyond ~1e19 float32 layer norms overflow to NaN, and
+# long before that the action means nothing. Refused before it reaches the stream's history.
+MAX_NORMALIZED_MAGNITUDE = 1e6
+
+
 class ObservationError(ValueError):
-    """An observation passed to ``step`` has a missing/extra key, a wrong shape or dtype, or NaN/inf."""
+    """An observation passed to ``step`` has a missing/extra key, a wrong shape or dtype, NaN/inf, or
+    values absurdly far outside the range the policy was trained on."""
+
+
+class PolicyOutputError(RuntimeError):
+    """The policy produced a non-finite action; the affected streams were reset (history cleared)."""
 
 
 def stream_generator(seed: int, stream: int) -> torch.Generator:
@@ -326,6 +338,17 @@ class SCDPolicy:
             self._push_window(tensors)
             self._replan(self._sample_windowed)
         action = self._pop_action()
+        bad = ~torch.isfinite(action).all(dim=1)
+        if bool(bad.any()):
+            # Never fed back as a previous action, never left in a queue or a KV cache: those streams
+            # start afresh, and the caller hears of it.
+            streams = bad.cpu()
+            self.reset(streams)
+            raise PolicyOutputError(
+                f"the policy produced NaN/inf actions for stream(s) {streams.nonzero().flatten().tolist()}; "
+                "they were reset (history cleared). Check the observations fed to them; step() again "
+                "starts a new episode for those streams"
+            )
         self._prev_action = action
         self._prev_valid.fill_(True)
         out = action.detach().to("cpu", torch.float32).numpy()
@@ -475,16 +498,30 @@ class SCDPolicy:
                 )
             if lead == (1,) and self.num_envs == 1:
                 batched_input = True
-            if not np.isfinite(array).all():
-                raise ObservationError(
-                    f"observation {key!r} contains NaN or inf; check the sensor feeding it"
-                )
             if key in self._images:
                 array = self._unit_range(key, array, from_255)
-            tensors[key] = torch.as_tensor(
+            tensor = torch.as_tensor(
                 array.reshape(self.num_envs, *want), dtype=self.dtype, device=self.device
             )
+            # Checked after the cast: a finite float64 beyond float32's range (1e39) becomes inf here.
+            if not bool(torch.isfinite(tensor).all()):
+                raise ObservationError(
+                    f"observation {key!r} contains NaN or inf (as {self.dtype}: values beyond ±3.4e38 "
+                    "overflow); check the sensor feeding it"
+                )
+            if key not in self._images:
+                self._check_range(key, tensor)
+            tensors[key] = tensor
         return batched_input, tensors
+
+    def _check_range(self, key: str, tensor: Tensor) -> None:
+        magnitude = float(self.policy.normalizer.normalize(key, tensor).abs().max())
+        if magnitude > MAX_NORMALIZED_MAGNITUDE:
+            raise ObservationError(
+                f"observation {key!r} has values {magnitude:.3g} training ranges away from the data the "
+                f"policy was trained on (max |value| {float(tensor.abs().max()):.3g}); a broken sensor or a "
+                "unit mix-up? Refused before it reaches the policy's history"
+            )
 
     def _leads(self) -> tuple[tuple[int, ...], ...]:
         """Accepted leading axes: none or 1 for a single stream, (num_envs,) otherwise."""

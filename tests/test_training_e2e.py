@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from scd_policy.cli.collect import CollectConfig, collect
 from scd_policy.cli.eval import EvalRunConfig, run_eval
 from scd_policy.cli.train import compose_experiment, run_training
-from scd_policy.policies import Policy, load_policy
+from scd_policy.policies import CheckpointError, Policy, load_policy
 from scd_policy.runtime import SCDPolicy
 from scd_policy.training.trainer import train
 
@@ -154,8 +154,11 @@ def test_resume_rejects_a_checkpoint_of_another_policy(dataset: Path, tmp_path: 
     other = compose_experiment(
         tiny_overrides(dataset, run_dir, 20, "policy=diffusion_policy", "train.resume=true")
     )
-    with pytest.raises(RuntimeError, match="does not match this run's policy"):
+    config_before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"holds a 'scd' policy .* policy=diffusion_policy"):
         run_training(other)
+    # The failed resume did not overwrite the config the run was trained with.
+    assert (run_dir / "config.yaml").read_text() == config_before
 
 
 def test_ddp_two_cpu_ranks(dataset: Path, tmp_path: Path) -> None:

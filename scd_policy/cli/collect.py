@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import scd_policy
 from envs.registry import TaskSpec, get_task, make_env, make_expert
+from scd_policy.cli.common import debug_requested, describe_os_error
 from scd_policy.config import ConfigError, config_dir
 
 if TYPE_CHECKING:
@@ -494,6 +495,17 @@ def run(cfg: CollectConfig, *, progress: bool = True) -> int:
         report = collect(cfg, progress=progress)
     except (CollectError, DatasetError) as exc:
         log.error("scd-collect: error: %s", exc)
+        return EXIT_USAGE
+    except OSError as exc:
+        message = describe_os_error(exc)
+        if message is None or debug_requested():
+            raise
+        log.error(
+            "scd-collect: error: %s. Every episode saved before is intact in %s; free space and re-run the "
+            "same command to continue",
+            message,
+            cfg.out,
+        )
         return EXIT_USAGE
     rate = f"{report.success_rate:.0%}" if report.attempts else "n/a"
     if report.interrupted:

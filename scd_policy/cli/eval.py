@@ -13,11 +13,13 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from scd_policy.cli.common import setup_logging, to_object
-from scd_policy.config import EvalConfig, config_dir
+from envs.registry import get_task
+from scd_policy.cli.common import setup_logging, to_object, user_errors
+from scd_policy.config import ConfigError, EvalConfig, config_dir
 from scd_policy.evaluation import EnvSettings, evaluate
 from scd_policy.io import atomic_write_text
 from scd_policy.policies import load_policy
+from scd_policy.training.checkpoint import resolve_policy_dir
 
 log = logging.getLogger("scd_policy.eval")
 
@@ -31,23 +33,6 @@ class EvalRunConfig(EvalConfig):
     device: str = "cpu"
 
 
-def resolve_policy_dir(path: Path) -> Path:
-    """Find the deployable policy folder inside what the user pointed at."""
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
-        return path
-    if (path / "policy" / "config.json").exists():
-        return path / "policy"
-    if (path / "best" / "config.json").exists():
-        return path / "best"
-    pointer = path / "checkpoints" / "latest.json"
-    if pointer.exists():
-        return path / "checkpoints" / str(json.loads(pointer.read_text())["name"]) / "policy"
-    raise SystemExit(
-        f"no policy found at {path}: expected a policy folder (config.json + model.safetensors), a "
-        "checkpoints/step_* folder, or a run folder made by scd-train"
-    )
-
-
 def run_config_for(policy_dir: Path) -> dict[str, object]:
     """The resolved experiment config of the run a policy folder belongs to (empty if none)."""
     for parent in [policy_dir, *policy_dir.parents][:5]:
@@ -59,12 +44,16 @@ def run_config_for(policy_dir: Path) -> dict[str, object]:
 
 def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
     if not cfg.checkpoint:
-        raise SystemExit("scd-eval needs checkpoint=<run folder or policy folder>")
+        raise ConfigError("scd-eval needs checkpoint=<run folder or policy folder>")
     policy_dir = resolve_policy_dir(Path(cfg.checkpoint))
     run_cfg = run_config_for(policy_dir)
     task = cfg.task or str(run_cfg.get("task") or "")
     if not task:
-        raise SystemExit(f"no task recorded for {policy_dir}; pass task=<name>")
+        raise ConfigError(f"no task recorded for {policy_dir}; pass task=<name>")
+    try:
+        get_task(task)
+    except KeyError as error:
+        raise ConfigError(f"task={task!r}: {error.args[0]}") from None
     camera = cfg.camera or (str(run_cfg["camera"]) if run_cfg.get("camera") else None)
     policy = load_policy(policy_dir, device=cfg.device)
     log.info(
@@ -77,10 +66,15 @@ def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
     )
     eval_cfg = EvalConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
     out = Path(cfg.out)
+    if out.is_dir():
+        raise ConfigError(
+            f"out={out} is a folder; scd-eval writes a results file, e.g. out={out / 'eval.json'}"
+        )
     results = evaluate(
         policy,
         EnvSettings.for_policy(task, policy, camera),
         eval_cfg,
+        results_path=out,
         video_dir=out.parent / f"{out.stem}_videos",
     )
     results["checkpoint"] = str(policy_dir)
@@ -100,7 +94,8 @@ def run_eval(cfg: EvalRunConfig) -> dict[str, Any]:
 @hydra.main(config_path=str(config_dir()), config_name="eval", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
-    run_eval(to_object(cfg, EvalRunConfig))
+    with user_errors("scd-eval"):
+        run_eval(to_object(cfg, EvalRunConfig))
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from scd_policy.cli.common import setup_logging, to_object
-from scd_policy.config import ExperimentConfig, config_dir, register_configs
+from scd_policy.cli.common import setup_logging, to_object, user_errors
+from scd_policy.config import ConfigError, ExperimentConfig, config_dir, register_configs
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 from scd_policy.policies import Policy
 from scd_policy.training.trainer import RolloutFn, train
@@ -98,24 +98,47 @@ def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
     return True
 
 
+def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> None:
+    """Before the first step: the task exists and the dataset's state/action shapes fit its spaces."""
+    if not cfg.task:
+        return
+    from envs.registry import get_task
+
+    try:
+        spec = get_task(cfg.task)
+    except KeyError as error:
+        raise ConfigError(f"task={cfg.task!r}: {error.args[0]}") from None
+    checks = [(cfg.data.action_key, (spec.action_dim,), "action space")]
+    if "state" in cfg.data.obs_keys:
+        checks.append(("state", (spec.state_dim,), "state observation"))
+    for key, want, what in checks:
+        have = buffer.shapes.get(key)
+        if have is not None and tuple(have) != want:
+            raise DatasetError(
+                f"data/{key} in {buffer.path} has per-step shape {list(have)} but task={cfg.task}'s {what} "
+                f"is {list(want)}: this dataset was not recorded on {cfg.task}; pass the task it was "
+                "recorded on, or task=null to train without rollouts"
+            )
+
+
 def run_training(cfg: ExperimentConfig) -> Path:
-    """Train as configured; fills the camera from the dataset card when the policy reads images."""
-    card: dict[str, Any] | None = None
-    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys):
-        try:
-            card = ReplayBuffer.open(cfg.data.path).meta
-        except DatasetError as error:
-            raise SystemExit(str(error)) from None
-        camera = card.get("camera")
-        cfg.camera = str(camera) if camera else None
-    task = cfg.task  # the task of the rollouts, else the one the dataset was collected on
-    if not task:
-        try:
-            card = card if card is not None else ReplayBuffer.open(cfg.data.path).meta
-            task = str(card.get("task") or "")
-        except DatasetError:
-            pass  # the trainer reports a bad dataset with its own message
-    warn_if_history_too_short(cfg, task)
+    """Train as configured, after checking everything that can be checked before the first step.
+
+    The camera of image observations comes from the dataset card when not given (the experiment config
+    is copied, not changed in place).
+    """
+    from dataclasses import replace
+
+    buffer = ReplayBuffer.open(cfg.data.path) if cfg.data.path else None
+    card: dict[str, Any] = buffer.meta if buffer is not None else {}
+    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys) and card.get("camera"):
+        cfg = replace(cfg, camera=str(card["camera"]))
+    if buffer is not None:
+        check_dataset_against_task(cfg, buffer)
+    if not cfg.task:
+        log.info("no task= given: training without rollouts (scd-eval needs task=<name> later)")
+    # The task of the rollouts, else the one the dataset was collected on.
+    warn_if_history_too_short(cfg, cfg.task or str(card.get("task") or ""))
     run_dir = Path(cfg.out)
     return train(cfg, run_dir, rollout_during_training(cfg, run_dir))
 
@@ -123,11 +146,8 @@ def run_training(cfg: ExperimentConfig) -> Path:
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
-    experiment = to_object(cfg, ExperimentConfig)
-    try:
-        final = run_training(experiment)
-    except DatasetError as error:
-        raise SystemExit(f"dataset error: {error}") from None
+    with user_errors("scd-train"):
+        final = run_training(to_object(cfg, ExperimentConfig))
     log.info("done: %s", final)
 
 

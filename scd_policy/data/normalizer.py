@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from scd_policy.data.dataset import images_to_policy, policy_shape
-from scd_policy.data.replay_buffer import ReplayBuffer, is_image_shape
+from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer, is_image_shape
 
 MODES = ("min_max", "mean_std", "image")
 CONSTANT_TOLERANCE = 1e-6
@@ -228,6 +228,12 @@ def fit_normalizer(
         for episode in ids:
             span = buffer.episode_slice(int(episode))
             values = buffer.get_steps(key, np.arange(span.start, span.stop))
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                step = int(np.argwhere(~np.isfinite(values).reshape(len(values), -1).all(axis=1))[0][0])
+                raise DatasetError(
+                    f"data/{key} in {buffer.path} holds NaN or inf (episode {int(episode)}, its step "
+                    f"{step}); the policy cannot be fitted on it — clean or re-record that episode"
+                )
             stats.update(images_to_policy(values) if image else values)
         normalizer.set_stats(name, *stats.offset_scale(mode))
     normalizer.fitted.fill_(True)

@@ -14,6 +14,7 @@ the statistics travel in the state_dict). Everything a trainer, an evaluator or 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from scd_policy.config import ConfigError, PolicyConfig, policy_config_from_dict
 from scd_policy.data.normalizer import Normalizer
-from scd_policy.io import atomic_write_bytes, atomic_write_text
+from scd_policy.io import atomic_write_bytes, atomic_write_text, sha256_file
 
 FORMAT_NAME = "scd-policy"
 FORMAT_VERSION = 1
@@ -157,11 +158,14 @@ class Policy(nn.Module, ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
-        atomic_write_bytes(directory / WEIGHTS_FILE, safetensors.torch.save(tensors))
+        weights = safetensors.torch.save(tensors)
+        atomic_write_bytes(directory / WEIGHTS_FILE, weights)
         record = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "policy_type": self.policy_type,
+            # Checked on load: a damaged or swapped weights file is refused instead of run.
+            "weights_sha256": hashlib.sha256(weights).hexdigest(),
             "config": dataclasses.asdict(self.config),
             "normalizer": {
                 "shapes": {key: list(shape) for key, shape in self.normalizer.shapes.items()},
@@ -197,10 +201,18 @@ class Policy(nn.Module, ABC):
             raise CheckpointError(
                 f"{directory / CONFIG_FILE}: policy_type {stored_type!r} but config.type {config.type!r}"
             )
-        policy = policy_class(stored_type)(config, normalizer)
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
             raise CheckpointError(f"{weights_path} is missing; the policy folder is incomplete")
+        expected_sha = record.get("weights_sha256")  # absent in folders written before checksums
+        if expected_sha is not None and sha256_file(weights_path) != expected_sha:
+            raise CheckpointError(
+                f"{weights_path} does not match the checksum in {directory / CONFIG_FILE}: the weights "
+                "file is damaged (truncated or changed); restore it or re-export the policy"
+            )
+        cls_ = policy_class(stored_type)
+        _check_weight_shapes(cls_, config, normalizer, weights_path)
+        policy = cls_(config, normalizer)
         try:
             tensors = safetensors.torch.load_file(str(weights_path), device="cpu")
         except Exception as error:  # safetensors raises several types for a damaged file
@@ -212,6 +224,37 @@ class Policy(nn.Module, ABC):
                 f"{weights_path} does not match the {stored_type!r} policy: {error}"
             ) from error
         return policy.to(device).eval()
+
+
+def _check_weight_shapes(
+    cls: type[Policy], config: PolicyConfig, normalizer: Normalizer, weights_path: Path
+) -> None:
+    """Compare the network ``config`` describes with the weights file's header before allocating it.
+
+    The network is built on the meta device (no memory), so an edited config.json (say d_model=65536)
+    is refused at once instead of after allocating gigabytes.
+    """
+    try:
+        with safetensors.safe_open(str(weights_path), framework="pt") as handle:
+            stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several types for a damaged header
+        raise CheckpointError(f"{weights_path} is corrupt or not a safetensors file: {error}") from None
+    with torch.device("meta"):
+        skeleton = cls(config, normalizer)
+    wanted = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    problems = [f"missing {key}" for key in sorted(set(wanted) - set(stored))]
+    problems += [f"unexpected {key}" for key in sorted(set(stored) - set(wanted))]
+    problems += [
+        f"{key}: file {list(stored[key])}, config {list(shape)}"
+        for key, shape in sorted(wanted.items())
+        if key in stored and stored[key] != shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{weights_path} does not match the network its config.json describes ({len(problems)} "
+            f"tensors differ, e.g. {'; '.join(problems[:3])}); was config.json edited? Restore it, or "
+            "re-export the policy"
+        )
 
 
 def read_policy_record(directory: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from scd_policy.config import ExperimentConfig
+from scd_policy.config import ConfigError, ExperimentConfig
 from scd_policy.data.dataset import WindowedDataset, input_shapes, make_datasets
 from scd_policy.data.dataset import action_dim as dataset_action_dim
 from scd_policy.data.normalizer import fit_normalizer
@@ -32,8 +32,11 @@ from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, make_policy
 from scd_policy.training.checkpoint import (
     TrainState,
-    latest_checkpoint,
+    ensure_new_run_folder,
     load_checkpoint,
+    prepare_run_folder,
+    resumable_checkpoint,
+    save_best,
     save_checkpoint,
 )
 from scd_policy.training.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
@@ -62,8 +65,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
-    return torch.device(name)
+        raise ConfigError(f"train.device={name!r} but CUDA is not available; use train.device=cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"train.device={name!r} is not a device torch knows ({error})") from None
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,6 +117,22 @@ def validation_loss(policy: Policy, dataset: WindowedDataset, batch_size: int, d
     return float(sum(losses) / len(losses)) if losses else math.nan
 
 
+def non_finite_loss_message(loss: float, step: int, batch: dict[str, torch.Tensor]) -> str:
+    """Why the loss is NaN/inf: the batch keys holding NaN/inf, or (none) a diverging optimisation."""
+    bad = [
+        key for key, value in batch.items() if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:
+        return (
+            f"loss is {loss} at step {step}: the batch holds NaN/inf in {bad}; the dataset has non-finite "
+            "values in those keys — clean or re-record them (scd-data check lists damaged chunks)"
+        )
+    return (
+        f"loss is {loss} at step {step} although the batch is finite: the optimisation diverged; lower "
+        "train.lr (or raise train.warmup_steps) and start again"
+    )
+
+
 def train(cfg: ExperimentConfig, run_dir: Path, rollout_fn: RolloutFn | None = None) -> Path:
     """Train a policy; returns the path of the final deployable (EMA) policy folder."""
     tcfg = cfg.train
@@ -133,7 +155,10 @@ def _train(
     if tcfg.num_threads is not None:
         torch.set_num_threads(tcfg.num_threads)
     torch.manual_seed(tcfg.seed + dist_info.rank)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist_info.is_main:
+        if not tcfg.resume:
+            ensure_new_run_folder(run_dir)  # before anything is written: two runs never share a folder
+        prepare_run_folder(run_dir)
 
     # ---- data, normaliser and policy ------------------------------------------------------------
     train_set, val_set, buffer = make_datasets(cfg.data, cfg.policy)
@@ -160,7 +185,6 @@ def _train(
             len(train_set),
             len(val_set),
         )
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     ema = EMA(policy, tcfg.ema_decay)
     optimizer = torch.optim.AdamW(policy.param_groups(tcfg.lr, tcfg.weight_decay), betas=(0.9, 0.95))
@@ -169,7 +193,7 @@ def _train(
     )
     state = TrainState(step=0, ema_updates=0, best_success=None)
     if tcfg.resume:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = resumable_checkpoint(run_dir)
         if checkpoint is None:
             log.info("resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
         else:
@@ -181,6 +205,10 @@ def _train(
             if best_file.exists():  # newer than the checkpoint when rollouts ran after it was written
                 state.best_success = float(json.loads(best_file.read_text())["success_rate"])
             log.info("resumed from %s at step %d", checkpoint, state.step)
+    if dist_info.is_main:
+        # Written only now: a resume whose checkpoint does not fit this config must not overwrite the
+        # config the run was trained with.
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     model: nn.Module = _LossModule(policy)
     if dist_info.enabled:
@@ -217,9 +245,7 @@ def _train(
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, metrics = model(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {float(loss)} at step {state.step}; lower train.lr or check the data for NaN/inf"
-            )
+            raise FloatingPointError(non_finite_loss_message(float(loss), state.step, batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.grad_clip)
@@ -276,10 +302,7 @@ def _train(
                     writer.add_scalar(f"eval/{key}", value, state.step)
             if state.best_success is None or success > state.best_success:
                 state.best_success = success
-                ema.shadow.save_pretrained(run_dir / "best")
-                atomic_write_text(
-                    run_dir / "best.json", json.dumps({"step": state.step, "success_rate": success})
-                )
+                save_best(run_dir, ema.shadow, state.step, success)
         barrier(dist_info)
     progress.close()
     if writer is not None:
