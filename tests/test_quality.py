@@ -128,7 +128,8 @@ def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path
     assert "data.obs_keys=[image]" not in with_policy
     # The task's overrides come after the shared ones (and the user's after those): the last one wins.
     assert overrides.index("policy.horizon=4") < overrides.index("policy.horizon=8")
-    assert "train.resume=true" not in overrides
+    # Always resumed: a run folder without a checkpoint starts at step 0, one with a checkpoint goes on.
+    assert overrides[-1] == "train.resume=true"
     # A task that declares the history it needs gets causal windows that long (memory_cue: 32 steps).
     memory = train_overrides(cfg, Cell("memory_cue", False), "scd", 0, tmp_path / "m.zarr", run_dir)
     assert {"policy.train_window=32", "policy.context_window=32"} <= set(memory)

@@ -143,8 +143,8 @@ def train_overrides(
         overrides.append(f"data.obs_keys=[{','.join(cfg.image_obs_keys)}]")
     overrides += history_overrides(cell.task)
     overrides += [*cfg.task_overrides.get(cell.task, []), *cfg.overrides]
-    if (run_dir / "checkpoints" / "latest.json").exists():
-        overrides.append("train.resume=true")
+    # Always resume: a run with a checkpoint continues from it, one without starts at step 0.
+    overrides.append("train.resume=true")
     return overrides
 
 

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from scd_policy.bench import BenchConfig, run_suites, write_report
-from scd_policy.cli.common import setup_logging, to_object
+from scd_policy.cli.common import setup_logging, to_object, user_errors
 from scd_policy.config import config_dir
 
 log = logging.getLogger("scd_policy.bench")
@@ -45,7 +45,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     bench_cfg = to_object(cfg, BenchConfig)
     bench_cfg.size = HydraConfig.get().runtime.choices.get("size") or bench_cfg.size
-    run_bench(bench_cfg, "scd-bench " + shlex.join(sys.argv[1:]))
+    with user_errors("scd-bench"):
+        run_bench(bench_cfg, "scd-bench " + shlex.join(sys.argv[1:]))
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from scd_policy.cli.common import setup_logging
+from scd_policy.cli.common import setup_logging, user_errors
 
 log = logging.getLogger("scd_policy.demo")
 
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    with user_errors("scd-demo"):
+        return run_demo(args)
+
+
+def run_demo(args: argparse.Namespace) -> int:
     # Imported after argument parsing so that --help is instant.
     from scd_policy.cli.collect import CollectConfig, collect_up_to
     from scd_policy.cli.eval import EvalRunConfig, run_eval

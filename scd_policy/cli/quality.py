@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from scd_policy.bench.quality import QualityConfig, run_quality
-from scd_policy.cli.common import setup_logging, to_object
+from scd_policy.cli.common import setup_logging, to_object, user_errors
 from scd_policy.config import config_dir, register_configs
 
 
@@ -20,7 +20,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     setup_logging()
     quality_cfg = to_object(cfg, QualityConfig)
     quality_cfg.size = HydraConfig.get().runtime.choices.get("size") or quality_cfg.size
-    run_quality(quality_cfg, "scd-quality " + shlex.join(sys.argv[1:]))
+    with user_errors("scd-quality"):
+        run_quality(quality_cfg, "scd-quality " + shlex.join(sys.argv[1:]))
 
 
 def main() -> None:

@@ -121,14 +121,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def ensure_new_run_folder(run_dir: Path) -> None:
     """Refuse a run folder that already holds another run: two runs must never mix in one folder.
 
-    Also refuses an ``out`` that is a file. A folder with nothing of a run in it (e.g. only the
-    dataset's neighbours, or left empty) is fine.
+    Also refuses an ``out`` that is a file. A folder without weights in it (empty, or left by a run
+    stopped before its first checkpoint: only config.yaml and logs) is fine.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"out={run_dir} is a file, not a folder; choose a folder for the run")
     used = [
         name
-        for name in (CHECKPOINTS, BEST, BEST_JSON, "config.yaml")
+        for name in (CHECKPOINTS, BEST, BEST_JSON)
         if (run_dir / name).exists() and not (name == CHECKPOINTS and not any((run_dir / name).iterdir()))
     ]
     if used:
