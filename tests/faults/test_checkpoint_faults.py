@@ -147,3 +147,12 @@ def test_out_is_a_file(dataset: Path, tmp_path: Path) -> None:
     result = run_cli("scd-train", *tiny_overrides(dataset, out, 2), cwd=tmp_path)
     assert_one_message(result, f"out={out} is a file")
     assert out.read_text() == "notes"
+
+
+def test_invalid_value_in_a_policy_config_names_it(run_copy: Path, tmp_path: Path) -> None:
+    folder = run_copy / "checkpoints" / "step_00000004" / "policy"
+    record = json.loads((folder / "config.json").read_text())
+    record["config"]["horizon"] = -3
+    (folder / "config.json").write_text(json.dumps(record))
+    result = run_cli("scd-eval", f"checkpoint={folder}", "task=reach_around", "episodes=1", cwd=tmp_path)
+    assert_one_message(result, "scd-eval: error:", "config.json has an invalid config", "horizon")
