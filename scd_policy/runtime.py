@@ -1,5 +1,10 @@
 """Deployment runtime: ``reset()`` and ``step(obs) -> action`` for every policy type.
 
+The runtime knows policies only through their streaming protocol (``scd_policy.policies.base``): it
+keeps the policy's opaque per-stream state (``policy.init_state``), hands it each tick's observation
+(``policy.observe``) and asks for chunks for the streams that replan (``policy.sample``). It never looks
+at a policy's class, so a new policy type plugs in without touching this module.
+
 What a robot (or a simulation loop) calls at every control tick. For the causal policies (``scd`` and
 ``causal_diffusion``) each call runs the encoder once, on the new step only (KV cache, bounded to
 ``context_window`` steps with exact sliding-window eviction), with the action returned at the previous
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +44,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from scd_policy.models.causal_dit import History
-from scd_policy.policies import (
-    CausalDiffusionPolicy,
-    CausalPolicy,
-    CheckpointError,
-    DiffusionPolicy,
-    Policy,
-    SeparableCausalDiffusionPolicy,
-    StepContext,
-    load_policy,
-    policy_class,
-)
+from scd_policy.policies import CheckpointError, Policy, load_policy, policy_class
 
 __all__ = [
     "CheckpointError",
@@ -58,8 +52,6 @@ __all__ = [
     "PolicyOutputError",
     "SCDPolicy",
     "TemporalEnsembler",
-    "compile_denoiser",
-    "select_streams",
     "stream_generator",
 ]
 
@@ -94,38 +86,6 @@ def stream_generator(seed: int, stream: int) -> torch.Generator:
         raise ValueError(f"seed and stream must be >= 0, got seed={seed}, stream={stream}")
     state = np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
-
-
-def select_streams(context: StepContext, rows: Tensor) -> StepContext:
-    """The context of the streams ``rows`` (R,) only: SCD's tokens (B, n_ctx, D) or the baseline's
-    ``History`` (per-stream keys/values; step numbering is shared by all streams and kept)."""
-    if isinstance(context, Tensor):
-        return context[rows]
-    return History(
-        keys=tuple(k[rows] for k in context.keys),
-        values=tuple(v[rows] for v in context.values),
-        key_steps=context.key_steps,
-        token_valid=None if context.token_valid is None else context.token_valid[rows],
-        n_steps=context.n_steps,
-        first_step=context.first_step,
-    )
-
-
-def compile_denoiser(policy: Policy) -> None:
-    """``torch.compile`` the network a policy calls K times per replan, in place (weights, state_dict
-    and results unchanged): SCD's decoder, the monolithic baseline's ``denoise``, the windowed
-    baseline's transformer. On CUDA it uses ``mode="reduce-overhead"`` (CUDA graphs)."""
-    device = next(policy.parameters()).device
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    if isinstance(policy, SeparableCausalDiffusionPolicy):
-        policy.decoder.compile(mode=mode)
-    elif isinstance(policy, DiffusionPolicy):
-        policy.model.compile(mode=mode)
-    elif isinstance(policy, CausalDiffusionPolicy):
-        # Its denoiser is a method, not ``forward``: shadow it with the compiled version on the instance.
-        object.__setattr__(policy.model, "denoise", torch.compile(policy.model.denoise, mode=mode))
-    else:
-        raise TypeError(f"compile_denoiser does not know the denoiser of {type(policy).__name__}")
 
 
 class TemporalEnsembler:
@@ -235,14 +195,14 @@ class SCDPolicy:
         # Ancestral DDPM draws noise at every denoising step: those streams are sampled one at a time so
         # that each stream's draws come from its own generator only.
         self._per_stream_sampling = cfg.diffusion.process == "ddpm" and cfg.diffusion.sampler == "ddpm"
-        self._cache = policy.init_cache() if isinstance(policy, CausalPolicy) else None
+        self._state = policy.init_state(num_envs)  # the policy's own per-stream history (opaque here)
         self._ensembler = TemporalEnsembler(
             num_envs, self.chunk_len, self._action_dim, ensemble_decay, self.device
         )
         self._generators = [torch.Generator() for _ in range(num_envs)]
         self._seed_streams(range(num_envs), seed)
         if compile:
-            compile_denoiser(policy)
+            policy.compile_denoiser()
         self.reset()
 
     @classmethod
@@ -282,11 +242,8 @@ class SCDPolicy:
             self._queue_pos = torch.full((n,), self.n_action_steps, dtype=torch.long)  # full: replan now
             self._prev_action = torch.zeros(n, da, device=self.device, dtype=self.dtype)
             self._prev_valid = torch.zeros(n, dtype=torch.bool, device=self.device)
-            self._window: dict[str, Tensor] = {}
-            self._window_len = torch.zeros(n, dtype=torch.long)
             self._ensembler.reset()
-            if self._cache is not None:
-                self._cache.reset()
+            self._state.reset()
         else:
             if isinstance(mask, Tensor):
                 streams = mask.detach().to("cpu", torch.bool)
@@ -296,10 +253,8 @@ class SCDPolicy:
                 raise ValueError(f"reset mask has shape {tuple(streams.shape)}; expected ({n},)")
             self._queue_pos[streams] = self.n_action_steps
             self._prev_valid[streams.to(self.device)] = False
-            self._window_len[streams] = 0
             self._ensembler.reset(streams)
-            if self._cache is not None and bool(streams.any()):
-                self._cache.reset(streams.to(self.device))
+            self._state.reset(streams.to(self.device))
         if seed is not None:
             self._seed_streams(streams.nonzero().flatten().tolist(), seed)
 
@@ -330,13 +285,8 @@ class SCDPolicy:
         """
         start = time.perf_counter()
         batched_input, tensors = self._check_obs(obs)
-        if isinstance(self.policy, CausalPolicy):
-            assert self._cache is not None
-            context = self.policy.encode_step(tensors, self._prev_action, self._cache, self._prev_valid)
-            self._replan(lambda rows, noise, gen: self._sample_causal(context, rows, noise, gen))
-        else:
-            self._push_window(tensors)
-            self._replan(self._sample_windowed)
+        self.policy.observe(self._state, tensors, self._prev_action, self._prev_valid)
+        self._replan()
         action = self._pop_action()
         bad = ~torch.isfinite(action).all(dim=1)
         if bool(bad.any()):
@@ -357,8 +307,8 @@ class SCDPolicy:
         return out if batched_input else out[0]
 
     def state_nbytes(self) -> int:
-        """Bytes held by the per-stream history state (the causal policies' KV cache; 0 otherwise)."""
-        return 0 if self._cache is None else self._cache.nbytes()
+        """Bytes held by the per-stream history state (the causal policies' KV cache; ~0 otherwise)."""
+        return self._state.nbytes()
 
     def latency_stats(self, warmup: int = 5) -> dict[str, float]:
         """Per-step latency in ms (p50, p90, p99, mean, max) over the kept steps, skipping the first
@@ -379,14 +329,14 @@ class SCDPolicy:
 
     # ------------------------------------------------------------------ sampling
 
-    def _replan(self, sample: Callable[[Tensor, Tensor | None, torch.Generator | None], Tensor]) -> None:
+    def _replan(self) -> None:
         """Sample new chunks for the streams whose queue is used up, and only for those."""
         rows = (self._queue_pos >= self.n_action_steps).nonzero().flatten()  # (R,) on CPU
         if rows.numel() == 0:
             return
         if self._per_stream_sampling:
             chunk = torch.cat(
-                [sample(rows[i : i + 1], None, self._generators[int(r)]) for i, r in enumerate(rows)]
+                [self._sample(rows[i : i + 1], None, self._generators[int(r)]) for i, r in enumerate(rows)]
             )
         else:
             # Start noise drawn stream by stream from each stream's generator, then one batched call.
@@ -394,7 +344,7 @@ class SCDPolicy:
             noise = torch.cat(
                 [torch.randn(shape, generator=self._generators[int(r)], dtype=self.dtype) for r in rows]
             )
-            chunk = sample(rows, noise.to(self.device), None)
+            chunk = self._sample(rows, noise.to(self.device), None)
         # The chunk from the current tick on (diffusion_policy's chunk starts n_obs_steps - 1 ticks back).
         chunk = chunk[:, chunk.shape[1] - self.chunk_len :]  # (R, chunk_len, Da)
         rows_dev = rows.to(self.device)
@@ -404,25 +354,9 @@ class SCDPolicy:
             self._queue[rows_dev] = chunk[:, : self.n_action_steps]
         self._queue_pos[rows] = 0
 
-    def _sample_causal(
-        self, context: StepContext, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None
-    ) -> Tensor:
-        assert isinstance(self.policy, CausalPolicy)
-        if rows.numel() < self.num_envs:
-            context = select_streams(context, rows.to(self.device))
-        return self.policy.sample_chunk(
-            context, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
-        )
-
-    def _sample_windowed(
-        self, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None
-    ) -> Tensor:
-        window = self._window
-        if rows.numel() < self.num_envs:
-            rows_dev = rows.to(self.device)
-            window = {key: value[rows_dev] for key, value in window.items()}
-        return self.policy.predict_chunk(
-            window, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
+    def _sample(self, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        return self.policy.sample(
+            self._state, rows, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
         )
 
     # ------------------------------------------------------------------ internals
@@ -432,19 +366,6 @@ class SCDPolicy:
         action = self._queue[torch.arange(self.num_envs, device=self.device), index]  # (N, Da)
         self._queue_pos += 1
         return action
-
-    def _push_window(self, tensors: dict[str, Tensor]) -> None:
-        """Keep the last n_obs_steps observations per stream; a new episode is edge-padded with its first."""
-        n_obs = self.config.n_obs_steps
-        fresh = (self._window_len == 0).to(self.device)
-        for key, value in tensors.items():
-            if key not in self._window:
-                self._window[key] = value[:, None].repeat(1, n_obs, *([1] * (value.dim() - 1)))
-            shifted = torch.cat([self._window[key][:, 1:], value[:, None]], dim=1)
-            padded = value[:, None].expand_as(shifted)
-            mask = fresh.view(-1, *([1] * (shifted.dim() - 1)))
-            self._window[key] = torch.where(mask, padded, shifted)
-        self._window_len += 1
 
     def _expected(self, key: str) -> str:
         want = tuple(self.config.input_shapes[key])

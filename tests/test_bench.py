@@ -142,4 +142,4 @@ def test_runtime_history_stays_at_the_primed_length() -> None:
     runtime = SCDPolicy(policy, num_inference_steps=1, replan_every_step=True)
     for _ in range(9):
         runtime.step({"state": torch.randn(5)})
-    assert runtime._cache is not None and runtime._cache.n_steps == 5  # 4 past steps + the current one
+    assert runtime._state.cache.n_steps == 5  # 4 past steps + the current one

@@ -231,7 +231,7 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _runtime_tensors(runtime: SCDPolicy) -> list[torch.Tensor]:
-    cache = runtime._cache
+    cache = runtime._state.cache
     assert cache is not None and cache.valid is not None
     state = [runtime._queue, runtime._prev_action, runtime._prev_valid, runtime._ensembler.chunks]
     return [*cache.keys, *cache.values, cache.valid, *state]
@@ -258,7 +258,7 @@ def test_memory_is_flat_over_a_10000_step_episode() -> None:
             tracemalloc.start()  # tracing slows every allocation down: the last 1,000 steps only
     heap_growth = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    assert runtime._cache is not None and runtime._cache.n_steps == 8  # the window, not the episode
+    assert runtime._state.cache.n_steps == 8  # the window, not the episode
     assert sizes[10_000] == sizes[1_000]  # the cache and the state tensors: the same bytes
     # Python objects still alive from the last 1,000 steps: a leak of 64 bytes per step would show.
     assert heap_growth < 64_000, heap_growth

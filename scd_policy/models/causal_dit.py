@@ -48,6 +48,17 @@ class History:
         """Absolute step number of the newest cached step (where its chunk's tokens are placed)."""
         return self.first_step + self.n_steps - 1
 
+    def select(self, rows: Tensor) -> History:
+        """The history of the streams ``rows`` (R,) only (step numbering is shared by all streams)."""
+        return History(
+            keys=tuple(k[rows] for k in self.keys),
+            values=tuple(v[rows] for v in self.values),
+            key_steps=self.key_steps,
+            token_valid=None if self.token_valid is None else self.token_valid[rows],
+            n_steps=self.n_steps,
+            first_step=self.first_step,
+        )
+
     @classmethod
     def from_cache(cls, cache: KVCache) -> History:
         if cache.n_steps == 0:

@@ -7,6 +7,11 @@ the statistics travel in the state_dict). Everything a trainer, an evaluator or 
 - ``param_groups(lr, weight_decay)``: AdamW groups; no decay on gains, biases and embeddings; the SCD
   decoder's groups get ``lr * config.decoder_lr_scale``.
 - ``predict_chunk(history) -> (B, H, Da)``: stateless inference in raw units.
+- the streaming protocol a runtime drives, over an opaque per-stream ``StreamState`` that the policy
+  creates and that knows how to reset and measure itself: ``init_state(num_streams)``,
+  ``observe(state, obs, prev_action, prev_valid)`` once per control tick, ``sample(state, rows)`` for
+  the streams that replan, and ``compile_denoiser()`` for the network the K-step loop calls. A runtime
+  needs nothing else, so a new policy type plugs in without touching it.
 - ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json`` (resolved
   config, normaliser layout, policy type, format version); no pickle.
 """
@@ -38,6 +43,21 @@ ACTION_KEY = "action"
 
 class CheckpointError(RuntimeError):
     """A policy folder is missing, incomplete, corrupt, of another policy type or format version."""
+
+
+class StreamState(ABC):
+    """What a policy keeps per stream between control ticks (a KV cache, an observation window).
+
+    Opaque to the runtime, which only resets it and asks its size; the policy that made it reads it.
+    """
+
+    @abstractmethod
+    def reset(self, streams: Tensor | None = None) -> None:
+        """Forget the history of every stream (None) or of the streams where ``streams`` (N,) is True."""
+
+    def nbytes(self) -> int:
+        """Bytes of history held (for memory accounting); 0 when it is negligible."""
+        return 0
 
 
 class Policy(nn.Module, ABC):
@@ -89,6 +109,40 @@ class Policy(nn.Module, ABC):
         noise: Tensor | None = None,
     ) -> Tensor:
         """The action chunk (B, H, Da) in raw units for the last step of ``history``; stateless."""
+
+    # ------------------------------------------------------------------ streaming
+
+    @abstractmethod
+    def init_state(self, num_streams: int) -> StreamState:
+        """An empty per-stream state for ``num_streams`` parallel episodes."""
+
+    @abstractmethod
+    def observe(
+        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+    ) -> None:
+        """Record one control step of every stream: obs[key] (N, *shape) raw, the action executed at the
+        previous tick (N, Da) raw, and whether there was one (N,) bool (False at an episode start)."""
+
+    @abstractmethod
+    def sample(
+        self,
+        state: StreamState,
+        rows: Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """The action chunks (R, H, Da) in raw units of the streams ``rows`` (R,) (CPU indices) at their
+        last observed step; ``noise`` (R, H, Da) or ``generator`` as in ``predict_chunk``."""
+
+    @abstractmethod
+    def compile_denoiser(self) -> None:
+        """``torch.compile`` the network the K-step sampling loop calls, in place (weights, state_dict
+        and results unchanged); CUDA graphs (``mode="reduce-overhead"``) on CUDA."""
+
+    def _compile_mode(self) -> str | None:
+        return "reduce-overhead" if self._device().type == "cuda" else None
 
     def decoder_parameter_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes trained at ``lr * decoder_lr_scale`` (none for monolithic models)."""

@@ -1,6 +1,8 @@
 """Shared machinery of the causal policies (``scd`` and ``causal_diffusion``).
 
-Streaming interface (what a runtime uses; the policy itself holds no episode state):
+Streaming (the policy itself holds no episode state): the protocol of ``Policy`` — ``init_state`` (a
+``CausalStreamState``: the KV cache plus the newest step's context), ``observe`` (= ``encode_step``) and
+``sample`` (= ``sample_chunk`` on the chosen streams' context) — is built on these lower-level calls:
 
 - ``init_cache() -> KVCache``: an empty cache for B streams that keeps ``config.context_window`` steps
   (older steps are evicted; the sliding window is exact, see ``scd_policy.models.kv_cache``).
@@ -29,6 +31,7 @@ import logging
 from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -39,11 +42,12 @@ from scd_policy.data.normalizer import Normalizer
 from scd_policy.models.causal_dit import History
 from scd_policy.models.kv_cache import KVCache
 from scd_policy.models.tokenizer import StepTokenizer
-from scd_policy.policies.base import ACTION_KEY, Policy
+from scd_policy.policies.base import ACTION_KEY, Policy, StreamState
 
 # What ``encode_step`` hands to ``sample_chunk``: SCD's context tokens c_t (B, n_ctx, D), or the
-# monolithic baseline's prepared history keys/values.
+# monolithic baseline's prepared history keys/values. Each causal policy fixes its own type.
 StepContext = Tensor | History
+ContextT = TypeVar("ContextT", Tensor, History)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,25 @@ class TrainingInputs:
     mask: Tensor  # (B, W, H) bool: chunk element counts in the loss
 
 
-class CausalPolicy(Policy):
+class CausalStreamState(StreamState, Generic[ContextT]):
+    """The causal policies' per-stream state: the KV cache of the window and the newest step's context."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+        self.context: ContextT | None = None
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        if streams is None:
+            self.cache.reset()
+        elif bool(streams.any()):
+            self.cache.reset(streams)
+        # The context of the reset streams is stale until the next observe(), which replaces it.
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+
+class CausalPolicy(Policy, Generic[ContextT]):
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
         super().__init__(config, normalizer)
         if config.context_window > config.train_window:
@@ -84,22 +106,59 @@ class CausalPolicy(Policy):
         """An empty cache shaped for this policy's causal stack."""
 
     @abstractmethod
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> StepContext:
+    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> ContextT:
         """Append step tokens (B, T, S, D) to the cache; return the context of the last new step."""
 
     @abstractmethod
-    def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise(self, context: ContextT, x_t: Tensor, t: Tensor) -> Tensor:
         """One denoiser call: x_t (B, H, Da) normalised, t (B,) network time -> prediction (B, H, Da)."""
 
-    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
-        """The denoiser of one sampling run at the network times ``times`` (K,): (x_t, k) -> prediction.
-        Subclasses compute what depends on t alone, or on the context alone, once here."""
-        n = context.shape[0] if isinstance(context, Tensor) else context.keys[0].shape[0]
+    @abstractmethod
+    def prepare_denoiser(self, context: ContextT, times: Tensor) -> diffusion.StepFn:
+        """The denoiser of one sampling run at the network times ``times`` (K,): (x_t, k) -> prediction,
+        computing what depends on t alone, or on the context alone, once."""
 
-        def step(x: Tensor, k: int) -> Tensor:
-            return self.denoise(context, x, times[k].expand(n))
+    @abstractmethod
+    def context_streams(self, context: ContextT) -> int:
+        """How many streams a context holds."""
 
-        return step
+    @abstractmethod
+    def select_context(self, context: ContextT, rows: Tensor) -> ContextT:
+        """The context of the streams ``rows`` (R,) only."""
+
+    # ------------------------------------------------------------------ the streaming protocol
+
+    def init_state(self, num_streams: int) -> CausalStreamState[ContextT]:
+        return CausalStreamState(self.init_cache())
+
+    def observe(
+        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+    ) -> None:
+        causal = self._own_state(state)
+        causal.context = self.encode_step(obs, prev_action, causal.cache, prev_valid)
+
+    def sample(
+        self,
+        state: StreamState,
+        rows: Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        context = self._own_state(state).context
+        if context is None:
+            raise RuntimeError("sample() before observe(): there is no step to plan for")
+        if rows.numel() < self.context_streams(context):
+            context = self.select_context(context, rows.to(self._device()))
+        return self.sample_chunk(
+            context, num_inference_steps=num_inference_steps, generator=generator, noise=noise
+        )
+
+    def _own_state(self, state: StreamState) -> CausalStreamState[ContextT]:
+        if not isinstance(state, CausalStreamState):
+            raise TypeError(f"{type(self).__name__} streams need the state from its init_state()")
+        return state
 
     # ------------------------------------------------------------------ streaming interface
 
@@ -124,7 +183,7 @@ class CausalPolicy(Policy):
         prev_action: Tensor,
         prev_action_valid: Tensor,
         cache: KVCache,
-    ) -> StepContext:
+    ) -> ContextT:
         """Append T steps (obs (B, T, *shape), prev_action (B, T, Da) raw, validity (B, T)) to ``cache``;
         return the context of the last one."""
         return self.encode_tokens(self.tokenize(obs, prev_action, prev_action_valid), cache)
@@ -135,7 +194,7 @@ class CausalPolicy(Policy):
         prev_action: Tensor | None,
         cache: KVCache,
         prev_action_valid: Tensor | None = None,
-    ) -> StepContext:
+    ) -> ContextT:
         """One control step for B streams: obs[key] (B, *shape), prev_action (B, Da) raw or None."""
         first = obs.get(self.obs_keys[0])
         if first is None:
@@ -156,14 +215,14 @@ class CausalPolicy(Policy):
 
     def sample_chunk(
         self,
-        context: StepContext,
+        context: ContextT,
         *,
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
         """K denoiser calls from noise to the chunk of the context's step; (B, H, Da) in raw units."""
-        batch = context.shape[0] if isinstance(context, Tensor) else context.keys[0].shape[0]
+        batch = self.context_streams(context)
         shape = (batch, self.config.horizon, self.config.action_dim)
         x0 = diffusion.sample(
             lambda x, t: self.denoise(context, x, t),
@@ -218,7 +277,7 @@ class CausalPolicy(Policy):
         # memory): exactly what a streaming runtime computes step by step (see models/kv_cache.py).
         cache = self.init_cache()
         block = self.config.context_window
-        context: StepContext | None = None
+        context: ContextT | None = None
         for start in range(0, t, block):
             stop = min(start + block, t)
             obs = {key: history[key][:, start:stop].to(device) for key in self.obs_keys if key in history}

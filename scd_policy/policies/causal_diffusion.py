@@ -21,10 +21,10 @@ from scd_policy.data.normalizer import Normalizer
 from scd_policy.models.causal_dit import CausalDiffusionTransformer, History
 from scd_policy.models.kv_cache import KVCache
 from scd_policy.policies.base import masked_mse
-from scd_policy.policies.causal import CausalPolicy, StepContext
+from scd_policy.policies.causal import CausalPolicy
 
 
-class CausalDiffusionPolicy(CausalPolicy):
+class CausalDiffusionPolicy(CausalPolicy[History]):
     policy_type = "causal_diffusion"
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
@@ -38,34 +38,40 @@ class CausalDiffusionPolicy(CausalPolicy):
             config.action_dim,
             config.horizon,
         )
+        # The prepared denoiser call of the K-step loop; compile_denoiser() swaps in a compiled one.
+        self._denoise_prepared = self.model.denoise_prepared
 
     def new_cache(self, max_steps: int | None) -> KVCache:
         return self.model.new_cache(max_steps)
 
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> StepContext:
+    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> History:
         self.model.encode(tokens, cache)
         return History.from_cache(cache)
 
-    def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
-        if not isinstance(context, History):
-            raise TypeError(
-                "the causal diffusion model takes the History from CausalDiffusionPolicy.encode_step"
-            )
+    def context_streams(self, context: History) -> int:
+        return int(context.keys[0].shape[0])
+
+    def select_context(self, context: History, rows: Tensor) -> History:
+        return context.select(rows)
+
+    def compile_denoiser(self) -> None:
+        self._denoise_prepared = torch.compile(self.model.denoise_prepared, mode=self._compile_mode())
+
+    def denoise(self, context: History, x_t: Tensor, t: Tensor) -> Tensor:
         step = torch.tensor([context.last_step], device=x_t.device)  # the chunk belongs to the last step
         return self.model.denoise(x_t[:, None], t[:, None], context, step)[:, 0]
 
-    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
-        if not isinstance(context, History):
-            raise TypeError(
-                "the causal diffusion model takes the History from CausalDiffusionPolicy.encode_step"
-            )
+    def prepare_denoiser(self, context: History, times: Tensor) -> diffusion.StepFn:
         model = self.model
         shared = model.prepare(times)  # the K steps' modulations in one batched pass
         step_index = torch.tensor([context.last_step], device=times.device)
         attend = model.attention_inputs(context, step_index, context.keys[0].shape[0], self.config.horizon)
 
+        denoise_prepared = self._denoise_prepared
+
         def step(x: Tensor, k: int) -> Tensor:
-            return model.denoise_prepared(x[:, None], shared, k, attend)[:, 0]
+            out: Tensor = denoise_prepared(x[:, None], shared, k, attend)
+            return out[:, 0]
 
         return step
 

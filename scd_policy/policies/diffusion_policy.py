@@ -23,7 +23,45 @@ from scd_policy.config import PolicyConfig
 from scd_policy.data.normalizer import Normalizer
 from scd_policy.models.tokenizer import StepTokenizer
 from scd_policy.models.windowed_dit import WindowedDiffusionTransformer
-from scd_policy.policies.base import ACTION_KEY, Policy, masked_mse
+from scd_policy.policies.base import ACTION_KEY, Policy, StreamState, masked_mse
+
+
+def last_steps_edge_padded(x: Tensor, n: int) -> Tensor:
+    """The last ``n`` steps of x (B, T, ...), T >= 1; fewer are padded at the front with the oldest one,
+    as the dataset pads an episode start (the one home of that convention at run time)."""
+    b, t = x.shape[:2]
+    x = x[:, max(t - n, 0) :]
+    if t < n:
+        x = torch.cat([x[:, :1].expand(b, n - t, *x.shape[2:]), x], dim=1)
+    return x
+
+
+class ObservationWindow(StreamState):
+    """The windowed baseline's per-stream state: its last ``n_obs_steps`` raw observations."""
+
+    def __init__(self, num_streams: int, n_obs: int) -> None:
+        self.n_obs = n_obs
+        self.window: dict[str, Tensor] = {}  # key -> (N, n_obs, *shape)
+        self.length = torch.zeros(num_streams, dtype=torch.long)  # steps seen since each stream's reset
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        if streams is None:
+            self.length.zero_()
+        else:
+            self.length[streams.to("cpu")] = 0
+
+    def push(self, obs: Mapping[str, Tensor]) -> None:
+        """Append one step (N, *shape) per key; a stream just reset gets a window of copies of it."""
+        fresh = self.length == 0
+        for key, value in obs.items():
+            step = value[:, None]  # (N, 1, *shape)
+            if key not in self.window:
+                self.window[key] = step.repeat(1, self.n_obs, *([1] * (value.dim() - 1)))
+            shifted = torch.cat([self.window[key][:, 1:], step], dim=1)
+            # A fresh stream's window is all copies of its first step (last_steps_edge_padded of one step).
+            mask = fresh.to(value.device).view(-1, *([1] * (shifted.dim() - 1)))
+            self.window[key] = torch.where(mask, step.expand_as(shifted), shifted)
+        self.length += 1
 
 
 class DiffusionPolicy(Policy):
@@ -48,6 +86,42 @@ class DiffusionPolicy(Policy):
             config.action_dim,
             config.horizon,
         )
+
+    # ------------------------------------------------------------------ the streaming protocol
+
+    def init_state(self, num_streams: int) -> ObservationWindow:
+        return ObservationWindow(num_streams, self.config.n_obs_steps)
+
+    def observe(
+        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+    ) -> None:
+        # A window policy only queues the observation (its encoder runs once per chunk, in sample()).
+        self._own_state(state).push(obs)
+
+    def sample(
+        self,
+        state: StreamState,
+        rows: Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        window = self._own_state(state).window
+        if rows.numel() < self._own_state(state).length.numel():
+            rows_dev = rows.to(self._device())
+            window = {key: value[rows_dev] for key, value in window.items()}
+        return self.predict_chunk(
+            window, num_inference_steps=num_inference_steps, generator=generator, noise=noise
+        )
+
+    def compile_denoiser(self) -> None:
+        self.model.compile(mode=self._compile_mode())
+
+    def _own_state(self, state: StreamState) -> ObservationWindow:
+        if not isinstance(state, ObservationWindow):
+            raise TypeError(f"{type(self).__name__} streams need the state from its init_state()")
+        return state
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         first = self.obs_keys[0]
@@ -91,7 +165,7 @@ class DiffusionPolicy(Policy):
         first = self.obs_keys[0]
         if first not in history:
             raise KeyError(f"predict_chunk: observation key {first!r} is missing; got keys {sorted(history)}")
-        b, t = history[first].shape[:2]
+        b = history[first].shape[0]
         n_obs = self.config.n_obs_steps
         device = self._device()
         obs = {}
@@ -100,10 +174,7 @@ class DiffusionPolicy(Policy):
                 raise KeyError(
                     f"predict_chunk: observation key {key!r} is missing; got keys {sorted(history)}"
                 )
-            x = history[key][:, max(t - n_obs, 0) :].to(device)
-            if t < n_obs:
-                x = torch.cat([x[:, :1].expand(b, n_obs - t, *x.shape[2:]), x], dim=1)
-            obs[key] = x
+            obs[key] = last_steps_edge_padded(history[key].to(device), n_obs)
         tokens = self.tokenizer(self.normalize_obs(obs, (b, n_obs), "predict_chunk"))  # once per chunk
         model = self.model
 

@@ -30,10 +30,10 @@ from scd_policy.models.decoder import DiffusionDecoder
 from scd_policy.models.encoder import CausalEncoder
 from scd_policy.models.kv_cache import KVCache
 from scd_policy.policies.base import masked_mse
-from scd_policy.policies.causal import CausalPolicy, StepContext
+from scd_policy.policies.causal import CausalPolicy
 
 
-class SeparableCausalDiffusionPolicy(CausalPolicy):
+class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     policy_type = "scd"
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
@@ -63,19 +63,24 @@ class SeparableCausalDiffusionPolicy(CausalPolicy):
     def new_cache(self, max_steps: int | None) -> KVCache:
         return self.encoder.new_cache(max_steps)
 
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> StepContext:
+    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> Tensor:
         context: Tensor = self.encoder(tokens, cache)  # (B, T, n_ctx, D)
         return context[:, -1]
 
-    def denoise(self, context: StepContext, x_t: Tensor, t: Tensor) -> Tensor:
-        if not isinstance(context, Tensor):
-            raise TypeError("the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()")
+    def context_streams(self, context: Tensor) -> int:
+        return int(context.shape[0])
+
+    def select_context(self, context: Tensor, rows: Tensor) -> Tensor:
+        return context[rows]
+
+    def compile_denoiser(self) -> None:
+        self.decoder.compile(mode=self._compile_mode())
+
+    def denoise(self, context: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         out: Tensor = self.decoder(x_t, t, context)
         return out
 
-    def prepare_denoiser(self, context: StepContext, times: Tensor) -> diffusion.StepFn:
-        if not isinstance(context, Tensor):
-            raise TypeError("the SCD decoder takes context tokens (B, n_ctx, D) from encode_step()")
+    def prepare_denoiser(self, context: Tensor, times: Tensor) -> diffusion.StepFn:
         shared = self.decoder.prepare(times)  # the K steps' modulations in one batched pass
         decoder = self.decoder
 
