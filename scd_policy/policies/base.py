@@ -60,10 +60,38 @@ class StreamState(ABC):
         return 0
 
 
+# policy_type -> class, filled by every concrete subclass as it is defined (see __init_subclass__).
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def policy_class(policy_type: str) -> type[Policy]:
+    """The class registered for ``policy_type`` (importing ``scd_policy.policies`` registers the three)."""
+    if policy_type not in _REGISTRY:
+        raise ConfigError(f"unknown policy type {policy_type!r}; expected one of {sorted(_REGISTRY)}")
+    return _REGISTRY[policy_type]
+
+
+def registered_policies() -> dict[str, type[Policy]]:
+    return dict(_REGISTRY)
+
+
 class Policy(nn.Module, ABC):
-    """Base of every policy; subclasses set ``policy_type`` and implement the abstract methods."""
+    """Base of every policy; subclasses set ``policy_type`` and implement the abstract methods.
+
+    A subclass that sets ``policy_type`` registers itself under that name: ``policy_class(name)``,
+    ``make_policy`` and ``load_policy`` find it without any list to edit.
+    """
 
     policy_type: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("policy_type")
+        if name is None:  # an intermediate base (CausalPolicy)
+            return
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise TypeError(f"policy type {name!r} is registered twice: {_REGISTRY[name]} and {cls}")
+        _REGISTRY[name] = cls
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
         super().__init__()
@@ -236,8 +264,6 @@ class Policy(nn.Module, ABC):
         Called on ``Policy`` itself it builds whatever type the folder holds; called on a subclass it
         refuses a folder of another type.
         """
-        from scd_policy.policies.factory import policy_class
-
         directory = Path(directory)
         record = read_policy_record(directory)
         stored_type = record["policy_type"]

@@ -1,4 +1,8 @@
-"""Build a policy from its config, or load one from a folder, by ``config.type``."""
+"""Build a policy from its config, or load one from a folder, by ``config.type``.
+
+The classes register themselves (``Policy.__init_subclass__``); importing them here makes sure the
+three built-in ones are registered before anything is built or loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +10,13 @@ from pathlib import Path
 
 import torch
 
-from scd_policy.config import POLICY_TYPES, ConfigError, PolicyConfig
+from scd_policy.config import POLICY_TYPES, PolicyConfig
 from scd_policy.data.normalizer import Normalizer
-from scd_policy.policies.base import Policy
-from scd_policy.policies.causal_diffusion import CausalDiffusionPolicy
-from scd_policy.policies.diffusion_policy import DiffusionPolicy
-from scd_policy.policies.scd import SeparableCausalDiffusionPolicy
+from scd_policy.policies import causal_diffusion, diffusion_policy, scd  # noqa: F401  (registration)
+from scd_policy.policies.base import Policy, policy_class, registered_policies
 
-POLICY_CLASSES: dict[str, type[Policy]] = {
-    cls.policy_type: cls for cls in (SeparableCausalDiffusionPolicy, CausalDiffusionPolicy, DiffusionPolicy)
-}
-assert set(POLICY_CLASSES) == set(POLICY_TYPES), "every configurable policy type needs a class"
-
-
-def policy_class(policy_type: str) -> type[Policy]:
-    if policy_type not in POLICY_CLASSES:
-        raise ConfigError(f"unknown policy type {policy_type!r}; expected one of {sorted(POLICY_CLASSES)}")
-    return POLICY_CLASSES[policy_type]
+POLICY_CLASSES: dict[str, type[Policy]] = registered_policies()
+assert set(POLICY_TYPES) <= set(POLICY_CLASSES), "every configurable policy type needs a class"
 
 
 def make_policy(config: PolicyConfig, normalizer: Normalizer) -> Policy:
