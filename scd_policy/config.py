@@ -14,9 +14,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
 
 POLICY_TYPES = ("scd", "causal_diffusion", "diffusion_policy")
 CAUSAL_POLICY_TYPES = ("scd", "causal_diffusion")
@@ -311,6 +315,18 @@ def policy_config_from_dict(values: dict[str, Any]) -> PolicyConfig:
     if isinstance(values.get("diffusion"), dict):
         values["diffusion"] = DiffusionConfig(**values["diffusion"])
     return PolicyConfig(**values)
+
+
+def resolve_config(cfg: DictConfig, schema: type[T]) -> T:
+    """A composed config resolved into its typed dataclass (``__post_init__`` validation runs);
+    any bad value raises ``ConfigError`` naming it."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except (ConfigError, OmegaConfBaseException) as error:
+        raise ConfigError(str(error)) from None
+    if not isinstance(obj, schema):
+        raise ConfigError(f"expected a {schema.__name__}, got {type(obj).__name__}")
+    return obj
 
 
 def register_configs() -> None:

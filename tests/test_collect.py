@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from envs.registry import get_task, make_env, task_names
-from scd_policy.cli.collect import CollectConfig, CollectError, collect, config_from_dict, run
+from scd_policy.collection import CollectConfig, CollectError, collect, config_from_dict, run_collection
 from scd_policy.config import ConfigError
 from scd_policy.data.replay_buffer import ReplayBuffer
 
@@ -137,7 +137,7 @@ def test_running_out_of_attempts_keeps_the_count_and_fails(tmp_path: Path) -> No
     # Three steps are too few for any expert: every attempt fails, none is stored.
     out = tmp_path / "short.zarr"
     cfg = _config(FAST_TASK, out, episodes=2, max_attempts=3, max_episode_steps=3, seed=5)
-    assert run(cfg, progress=False) == 1
+    assert run_collection(cfg, progress=False) == 1
     card = _card(out)
     assert ReplayBuffer.open(out).n_episodes == 0
     assert (card["attempts"], card["successes"], card["next_seed"]) == (3, 0, 8)
@@ -153,7 +153,7 @@ def test_bad_options_are_reported(tmp_path: Path) -> None:
         collect(_config("no_such_task", tmp_path / "x.zarr"), progress=False)
     with pytest.raises(CollectError, match="no camera 'nope'"):
         collect(_config(FAST_TASK, tmp_path / "x.zarr", camera="nope"), progress=False)
-    assert run(_config(FAST_TASK, tmp_path / "x.zarr", camera="nope"), progress=False) == 2
+    assert run_collection(_config(FAST_TASK, tmp_path / "x.zarr", camera="nope"), progress=False) == 2
     assert not (tmp_path / "x.zarr").exists()
 
 

@@ -188,7 +188,7 @@ def test_wheel_carries_the_configs(tmp_path: Path) -> None:
 def test_training_warns_when_the_task_needs_more_history_than_the_policy_sees(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from scd_policy.cli.train import warn_if_history_too_short
+    from scd_policy.training.experiment import warn_if_history_too_short
 
     caplog.set_level(logging.WARNING, logger="scd_policy.train")
     short = _compose(["size=tiny"])  # the default 2-step window

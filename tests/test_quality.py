@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import scd_policy.cli.train
-from scd_policy.bench.quality import Cell, QualityConfig, run_dir_of, run_quality, train_overrides
+import scd_policy.training.experiment
 from scd_policy.config import ConfigError
 from scd_policy.policies import load_policy
+from scd_policy.quality import Cell, QualityConfig, run_dir_of, run_quality, train_config
 
 TINY = [
     "policy.train_window=4",
@@ -88,7 +88,7 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
     def no_training(*args: object, **kwargs: object) -> Path:
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(scd_policy.cli.train, "run_training", no_training)
+    monkeypatch.setattr(scd_policy.training.experiment, "run_training", no_training)
     assert run_quality(cfg, command="scd-quality test") == rows
 
     # report_only: the table from what is evaluated, nothing run; a (cell, policy) with a training seed
@@ -104,41 +104,43 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
         run_quality(cfg)
 
 
-def test_overrides_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
+def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
     cfg = tiny_sweep(tmp_path)
-    cfg.task_overrides = {"push_t": ["policy.horizon=4"]}
+    cfg.task_overrides = {"push_t": ["policy.horizon=12", "train.lr=1e-4"]}
     run_dir = run_dir_of(cfg, Cell("push_t", True), "scd", 3)
     assert run_dir == tmp_path / "runs" / "push_t_image" / "scd" / "seed3"
-    overrides = train_overrides(cfg, Cell("push_t", True), "scd", 3, tmp_path / "d.zarr", run_dir)
-    assert overrides[:7] == [
-        f"dataset={tmp_path / 'd.zarr'}",
-        f"out={run_dir}",
-        "policy=scd",
-        "size=tiny",
-        "train.steps=6",
-        "train.batch_size=4",
-        "train.seed=3",
-    ]
-    assert "data.obs_keys=[image]" in overrides and "train.num_threads=1" in overrides
-    cfg.policy = {"decoder_layers": 1, "image_channels": [8, 16], "dropout": None}
-    with_policy = train_overrides(cfg, Cell("push_t", False), "scd", 3, tmp_path / "d.zarr", run_dir)
-    assert {"policy.decoder_layers=1", "policy.image_channels=[8,16]", "policy.dropout=null"} <= set(
-        with_policy
+    dataset = tmp_path / "d.zarr"
+    image = train_config(cfg, Cell("push_t", True), "scd", 3, dataset, run_dir)
+    assert (image.data.path, image.out, image.task) == (str(dataset), str(run_dir), "")
+    assert image.policy.type == "scd" and image.policy.d_model == 64  # the tiny preset
+    assert (image.train.steps, image.train.batch_size, image.train.seed, image.train.num_threads) == (
+        6,
+        4,
+        3,
+        1,
     )
-    assert "data.obs_keys=[image]" not in with_policy
-    # The task's overrides come after the shared ones (and the user's after those): the last one wins.
-    assert overrides.index("policy.horizon=4") < overrides.index("policy.horizon=8")
+    assert image.data.obs_keys == ["image"]
     # Always resumed: a run folder without a checkpoint starts at step 0, one with a checkpoint goes on.
-    assert overrides[-1] == "train.resume=true"
+    assert image.train.resume
+    # The task's overrides come after the shared ones (and the user's after those): the last one wins.
+    assert image.train.lr == 1e-4
+    assert image.policy.horizon == 8  # tiny_sweep's own overrides set policy.horizon=8 after the task's 12
+    cfg.overrides = []  # (TINY sets both windows itself)
+    cfg.policy = {"decoder_layers": 1, "image_channels": [8, 16], "dropout": 0.0, "train_window": 6}
+    state = train_config(cfg, Cell("push_t", False), "diffusion_policy", 0, dataset, run_dir)
+    assert (state.policy.type, state.policy.decoder_layers, state.policy.image_channels) == (
+        "diffusion_policy",
+        1,
+        [8, 16],
+    )
+    assert state.data.obs_keys == ["state"]
+    assert state.policy.context_window == 6  # follows a changed train_window, as in scd-train
     # A task that declares the history it needs gets causal windows that long (memory_cue: 32 steps).
-    memory = train_overrides(cfg, Cell("memory_cue", False), "scd", 0, tmp_path / "m.zarr", run_dir)
-    assert {"policy.train_window=32", "policy.context_window=32"} <= set(memory)
-    assert "policy.train_window=32" not in overrides  # push_t: its last observations suffice
-
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "latest.json").write_text('{"name": "step_00000002", "step": 2}')
-    resumed = train_overrides(cfg, Cell("push_t", True), "scd", 3, tmp_path / "d.zarr", run_dir)
-    assert resumed[-1] == "train.resume=true"
+    memory = train_config(cfg, Cell("memory_cue", False), "scd", 0, tmp_path / "m.zarr", run_dir)
+    assert (memory.policy.train_window, memory.policy.context_window) == (32, 32)
+    cfg.overrides = ["train.no_such_field=1"]
+    with pytest.raises(ConfigError, match="no_such_field"):
+        train_config(cfg, Cell("push_t", False), "scd", 0, dataset, run_dir)
 
 
 @pytest.mark.parametrize(

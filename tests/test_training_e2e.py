@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scd_policy.cli.collect import CollectConfig, collect
-from scd_policy.cli.eval import EvalRunConfig, run_eval
-from scd_policy.cli.train import compose_experiment, run_training
+from scd_policy.collection import CollectConfig, collect
+from scd_policy.evaluation import EvalRunConfig, run_evaluation
 from scd_policy.policies import CheckpointError, Policy, load_policy
 from scd_policy.runtime import SCDPolicy
+from scd_policy.training.experiment import compose_experiment, run_training
 from scd_policy.training.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
 
     # scd-eval on the run folder: fixed seeds, two seeds, videos of the first episodes.
     out = tmp_path / "eval.json"
-    results = run_eval(
+    results = run_evaluation(
         EvalRunConfig(checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=1, out=str(out))
     )
     on_disk = json.loads(out.read_text())
@@ -98,7 +98,7 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
     video = Path(on_disk["videos"][0])
     assert video.exists() and video.stat().st_size > 1000
     # Same checkpoint, same seeds -> the same numbers.
-    again = run_eval(
+    again = run_evaluation(
         EvalRunConfig(checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=0, out=str(out))
     )
     assert again["per_seed"] == results["per_seed"]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from typing import TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-from scd_policy.config import ConfigError
+from scd_policy.config import ConfigError, resolve_config
 from scd_policy.data.replay_buffer import DatasetError
+from scd_policy.errors import debug_requested, describe_os_error
 from scd_policy.policies.base import CheckpointError
 
 T = TypeVar("T")
@@ -33,38 +32,17 @@ def setup_logging() -> None:
 def to_object(cfg: DictConfig, schema: type[T]) -> T:
     """Resolve and validate a composed config; a bad value exits with a one-line explanation."""
     try:
-        obj = OmegaConf.to_object(cfg)
-    except (ConfigError, OmegaConfBaseException) as error:
+        return resolve_config(cfg, schema)
+    except ConfigError as error:
         raise SystemExit(f"configuration error: {error}") from None
-    if not isinstance(obj, schema):
-        raise SystemExit(f"configuration error: expected a {schema.__name__}, got {type(obj).__name__}")
-    return obj
 
 
-# Errors a user can cause with what they pass or point at: each carries a message that names the file,
-# key or value and the fix, so a command prints that one line instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    DatasetError,
-    CheckpointError,
-    FloatingPointError,
-)
-# OS errors worth one line: the path is in the message, and the cause is outside the program.
-_OS_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.ENOTDIR: "not a directory",
-    errno.EISDIR: "is a directory",
-    errno.EEXIST: "already exists",
-}
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors a user can cause with what they pass or point at: each carries a message that names the
+    file, key or value and the fix, so a command prints that one line instead of a traceback.
+    (Imported here, not at the top: ``--help`` of a command must not wait for torch and zarr.)"""
 
-
-def debug_requested() -> bool:
-    """``SCD_DEBUG=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) keeps full tracebacks for bug reports."""
-    return os.environ.get("SCD_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    return (ConfigError, DatasetError, CheckpointError, FloatingPointError)
 
 
 @contextlib.contextmanager
@@ -75,7 +53,7 @@ def user_errors(command: str) -> Iterator[None]:
     """
     try:
         yield
-    except USER_ERRORS as error:
+    except user_error_types() as error:
         if debug_requested():
             raise
         raise SystemExit(f"{command}: error: {error}") from None
@@ -84,13 +62,3 @@ def user_errors(command: str) -> Iterator[None]:
         if debug_requested() or message is None:
             raise
         raise SystemExit(f"{command}: error: {message}") from None
-
-
-def describe_os_error(error: OSError) -> str | None:
-    """One line for an OS error whose cause is outside the program (disk full, permissions, ...)
-    naming the path; None for any other."""
-    if error.errno not in _OS_ERRNOS:
-        return None
-    text = str(error)
-    where = f" ({error.filename})" if error.filename and str(error.filename) not in text else ""
-    return f"{_OS_ERRNOS[error.errno]}{where}: {text}"

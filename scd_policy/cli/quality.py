@@ -10,9 +10,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from scd_policy.bench.quality import QualityConfig, run_quality
 from scd_policy.cli.common import setup_logging, to_object, user_errors
 from scd_policy.config import config_dir, register_configs
+from scd_policy.quality import QualityConfig, run_quality
 
 
 @hydra.main(config_path=str(config_dir()), config_name="quality", version_base=None)

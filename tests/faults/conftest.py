@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from fault_helpers import TASK, tiny_overrides
 
-from scd_policy.cli.collect import CollectConfig, collect
-from scd_policy.cli.train import compose_experiment, run_training
+from scd_policy.collection import CollectConfig, collect
+from scd_policy.training.experiment import compose_experiment, run_training
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from fault_helpers import assert_one_message, run_cli, tiny_overrides
 
-from scd_policy.cli.train import compose_experiment, run_training
 from scd_policy.policies import CheckpointError, load_policy
 from scd_policy.training.checkpoint import list_checkpoints, resumable_checkpoint
+from scd_policy.training.experiment import compose_experiment, run_training
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 import zarr
 from fault_helpers import TASK, assert_one_message, cli, run_cli, small_tmpfs, tiny_overrides
 
-from scd_policy.cli.eval import EvalRunConfig, run_eval
 from scd_policy.data.replay_buffer import ReplayBuffer
+from scd_policy.evaluation import EvalRunConfig, run_evaluation
 from scd_policy.policies import load_policy
 from scd_policy.training.checkpoint import list_checkpoints
 
@@ -109,7 +109,7 @@ def test_results_come_before_videos_and_a_video_failure_is_a_warning(
     cfg = EvalRunConfig(checkpoint=str(trained_run), task=TASK, episodes=1, seeds=[0], n_envs=1, videos=1)
     cfg.out = str(out)
     with caplog.at_level("WARNING"):
-        results = run_eval(cfg)
+        results = run_evaluation(cfg)
     assert "videos not written" in caplog.text
     assert json.loads(out.read_text())["episodes_per_seed"] == 1
     assert results["videos"] == []

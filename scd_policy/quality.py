@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from scd_policy.config import POLICY_TYPES, ConfigError
+from scd_policy.config import POLICY_TYPES, ConfigError, ExperimentConfig, resolve_config
 from scd_policy.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,12 @@ class QualityConfig:
     steps: int = 20_000  # training steps of every run
     batch_size: int = 64
     threads: int | None = None  # torch CPU threads per training (None: torch's default)
-    overrides: list[str] = field(default_factory=list)  # further scd-train overrides for every run
-    # Per-task scd-train overrides, after the shared ones. A task that declares the history it needs
-    # (TaskSpec.history_steps, memory_cue: 32) gets causal windows that long without asking.
+    # Further config fields for every run, as dotted key=value (train.lr=1e-4, policy.horizon=8), applied
+    # after the shared budget.
+    overrides: list[str] = field(default_factory=list)
+    # Per-task overrides of the same kind, after the shared ones and before `overrides`. A task that
+    # declares the history it needs (TaskSpec.history_steps, memory_cue: 32) gets causal windows that
+    # long without asking.
     task_overrides: dict[str, list[str]] = field(default_factory=dict)
     episodes: int = 50  # evaluation episodes per seed
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (fixed lists)
@@ -119,48 +124,69 @@ def run_dir_of(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> Path:
     return Path(cfg.out) / "runs" / cell.name / policy / f"seed{seed}"
 
 
-def train_overrides(
+def train_config(
     cfg: QualityConfig, cell: Cell, policy: str, seed: int, dataset: Path, run_dir: Path
-) -> list[str]:
-    """The ``scd-train`` overrides of one run: the shared budget, then the task's and the user's."""
-    from scd_policy.cli.train import history_overrides
+) -> ExperimentConfig:
+    """The training config of one run: ``scd-train``'s composition for the policy type and size preset,
+    the sweep's shared budget set field by field, then the task's and the user's overrides on top (the
+    last one wins)."""
+    from scd_policy.training.experiment import compose_experiment, with_task_history
 
-    overrides = [
-        f"dataset={dataset}",
-        f"out={run_dir}",
-        f"policy={policy}",
-        f"size={cfg.size}",
-        f"train.steps={cfg.steps}",
-        f"train.batch_size={cfg.batch_size}",
-        f"train.seed={seed}",
-        f"train.checkpoint_every={max(1, min(1000, cfg.steps // 4))}",
-        f"train.val_every={max(1, min(1000, cfg.steps // 4))}",
-    ]
-    overrides += [f"policy.{key}={_override_value(value)}" for key, value in cfg.policy.items()]
-    if cfg.threads is not None:
-        overrides.append(f"train.num_threads={cfg.threads}")
-    if cell.image:
-        overrides.append(f"data.obs_keys=[{','.join(cfg.image_obs_keys)}]")
-    overrides += history_overrides(cell.task)
-    overrides += [*cfg.task_overrides.get(cell.task, []), *cfg.overrides]
-    # Always resume: a run with a checkpoint continues from it, one without starts at step 0.
-    overrides.append("train.resume=true")
-    return overrides
+    base = compose_experiment([f"policy={policy}", f"size={cfg.size}"])
+    every = max(1, min(1000, cfg.steps // 4))
+    experiment = replace(
+        base,
+        dataset=str(dataset),
+        out=str(run_dir),
+        # Left out of the training config: the sweep scores the final weights once instead of paying
+        # for rollouts during training.
+        task="",
+        data=replace(
+            base.data, path=str(dataset), obs_keys=list(cfg.image_obs_keys) if cell.image else ["state"]
+        ),
+        policy=replace(base.policy, **_follow_train_window(dict(cfg.policy))),
+        train=replace(
+            base.train,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=seed,
+            checkpoint_every=every,
+            val_every=every,
+            num_threads=cfg.threads if cfg.threads is not None else base.train.num_threads,
+            # Always resume: a run with a checkpoint continues from it, one without starts at step 0.
+            resume=True,
+        ),
+    )
+    experiment = with_task_history(experiment, cell.task)
+    extra = [*cfg.task_overrides.get(cell.task, []), *cfg.overrides]
+    if any(item.startswith("policy.train_window=") for item in extra) and not any(
+        item.startswith("policy.context_window=") for item in extra
+    ):
+        extra.append("policy.context_window=0")  # see _follow_train_window
+    if not extra:
+        return experiment
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(experiment), OmegaConf.from_dotlist(extra))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"overrides {extra}: {error}") from None
+    assert isinstance(merged, DictConfig)  # merged onto a structured dataclass config
+    return resolve_config(merged, ExperimentConfig)
 
 
-def _override_value(value: Any) -> str:
-    """A value as Hydra's override grammar reads it (lists as [a,b], None as null)."""
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_override_value(v) for v in value) + "]"
-    return "null" if value is None else str(value)
+def _follow_train_window(changes: dict[str, Any]) -> dict[str, Any]:
+    # The composed config has context_window resolved (0 -> train_window); a new train_window without
+    # a context_window of its own must be followed by it again, as it would in scd-train.
+    if "train_window" in changes:
+        changes.setdefault("context_window", 0)
+    return changes
 
 
 def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str, Any]:
     """Train (or resume) one policy on one cell's demonstrations with one training seed and evaluate it;
     reuses a finished run."""
-    from scd_policy.cli.collect import CollectConfig, collect_up_to
-    from scd_policy.cli.eval import EvalRunConfig, run_eval
-    from scd_policy.cli.train import compose_experiment, run_training
+    from scd_policy.collection import CollectConfig, collect_up_to
+    from scd_policy.evaluation import EvalRunConfig, run_evaluation
+    from scd_policy.training.experiment import run_training
 
     out = Path(cfg.out)
     run_dir = run_dir_of(cfg, cell, policy, seed)
@@ -189,9 +215,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         cfg.steps,
         run_dir,
     )
-    # The task is left out of the training config: the sweep scores the final weights once, below,
-    # instead of paying for rollouts during training.
-    policy_dir = run_training(compose_experiment(train_overrides(cfg, cell, policy, seed, dataset, run_dir)))
+    policy_dir = run_training(train_config(cfg, cell, policy, seed, dataset, run_dir))
     log.info(
         "%s / %s / seed %d: evaluating %d episodes x seeds %s",
         cell.name,
@@ -200,7 +224,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         cfg.episodes,
         cfg.seeds,
     )
-    return run_eval(
+    return run_evaluation(
         EvalRunConfig(
             checkpoint=str(policy_dir),
             task=cell.task,

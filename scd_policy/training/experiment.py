@@ -1,0 +1,153 @@
+"""One training run from a resolved :class:`ExperimentConfig` (behind ``scd-train``, ``scd-demo`` and
+``scd-quality``): compose the config, check everything that can be checked before the first step,
+then hand over to the trainer, with rollouts during training when a task is set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from scd_policy.config import ConfigError, ExperimentConfig, config_dir, register_configs, resolve_config
+from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
+from scd_policy.policies import Policy
+from scd_policy.training.trainer import RolloutFn, train
+
+log = logging.getLogger("scd_policy.train")
+
+
+def rollout_during_training(cfg: ExperimentConfig, run_dir: Path) -> RolloutFn | None:
+    """Periodic success-rate evaluation on the first evaluation seed (the full sweep is scd-eval's)."""
+    if not cfg.task:
+        return None
+    from dataclasses import replace
+
+    from scd_policy.evaluation import EnvSettings, evaluate
+
+    eval_cfg = replace(cfg.eval, seeds=cfg.eval.seeds[:1], videos=0)
+
+    def run(policy: Policy, step: int) -> dict[str, float]:
+        settings = EnvSettings.for_policy(cfg.task, policy, cfg.camera)
+        results_path = run_dir / "eval" / f"step_{step:08d}.json"
+        results = evaluate(policy, settings, eval_cfg, results_path=results_path, progress=False)
+        return {key: float(results[key]) for key in ("success_rate", "mean_return", "latency_ms_p50")}
+
+    return run
+
+
+def compose_experiment(overrides: list[str]) -> ExperimentConfig:
+    """The ExperimentConfig ``scd-train <overrides>`` would run (for scripts, tests and the demo)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    # Called from inside another Hydra app (scd-quality) the global Hydra instance is taken: compose in
+    # a clean one, then hand the outer one back.
+    global_hydra = GlobalHydra.instance()
+    outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    global_hydra.clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose("train", overrides=overrides)
+    finally:
+        if outer is not None:
+            global_hydra.clear()
+            global_hydra.initialize(outer)
+    return resolve_config(cfg, ExperimentConfig)
+
+
+def history_overrides(task: str) -> list[str]:
+    """The scd-train overrides that give the causal policies the history window ``task`` declares
+    (``TaskSpec.history_steps``); none for a task whose last observations suffice."""
+    from envs.registry import get_task
+
+    steps = get_task(task).history_steps
+    return [f"policy.train_window={steps}", f"policy.context_window={steps}"] if steps else []
+
+
+def with_task_history(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
+    """``cfg`` with the causal windows as long as ``task`` declares it needs (TaskSpec.history_steps)."""
+    from dataclasses import replace
+
+    from envs.registry import get_task
+
+    steps = get_task(task).history_steps
+    if not steps:
+        return cfg
+    return replace(cfg, policy=replace(cfg.policy, train_window=steps, context_window=steps))
+
+
+def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
+    """Log a warning (and return True) when the task needs more history than the policy will see."""
+    if not task:
+        return False
+    from envs.registry import get_task
+
+    try:
+        needed = get_task(task).history_steps
+    except KeyError:  # a dataset from elsewhere: nothing known about its task
+        return False
+    policy = cfg.policy
+    seen, fields = (
+        (policy.context_window, "policy.train_window and policy.context_window")
+        if policy.is_causal
+        else (policy.n_obs_steps, "policy.n_obs_steps")
+    )
+    if seen >= needed:
+        return False
+    log.warning(
+        "task %s needs ~%d steps of history (TaskSpec.history_steps) but this %s policy sees %d: it will "
+        "not be able to remember what the task asks for. Set %s to %d.",
+        task,
+        needed,
+        policy.type,
+        seen,
+        fields,
+        needed,
+    )
+    return True
+
+
+def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> None:
+    """Before the first step: the task exists and the dataset's state/action shapes fit its spaces."""
+    if not cfg.task:
+        return
+    from envs.registry import get_task
+
+    try:
+        spec = get_task(cfg.task)
+    except KeyError as error:
+        raise ConfigError(f"task={cfg.task!r}: {error.args[0]}") from None
+    checks = [(cfg.data.action_key, (spec.action_dim,), "action space")]
+    if "state" in cfg.data.obs_keys:
+        checks.append(("state", (spec.state_dim,), "state observation"))
+    for key, want, what in checks:
+        have = buffer.shapes.get(key)
+        if have is not None and tuple(have) != want:
+            raise DatasetError(
+                f"data/{key} in {buffer.path} has per-step shape {list(have)} but task={cfg.task}'s {what} "
+                f"is {list(want)}: this dataset was not recorded on {cfg.task}; pass the task it was "
+                "recorded on, or task=null to train without rollouts"
+            )
+
+
+def run_training(cfg: ExperimentConfig) -> Path:
+    """Train as configured, after checking everything that can be checked before the first step.
+
+    The camera of image observations comes from the dataset card when not given (the experiment config
+    is copied, not changed in place).
+    """
+    from dataclasses import replace
+
+    buffer = ReplayBuffer.open(cfg.data.path) if cfg.data.path else None
+    card: dict[str, Any] = buffer.meta if buffer is not None else {}
+    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys) and card.get("camera"):
+        cfg = replace(cfg, camera=str(card["camera"]))
+    if buffer is not None:
+        check_dataset_against_task(cfg, buffer)
+    if not cfg.task:
+        log.info("no task= given: training without rollouts (scd-eval needs task=<name> later)")
+    # The task of the rollouts, else the one the dataset was collected on.
+    warn_if_history_too_short(cfg, cfg.task or str(card.get("task") or ""))
+    run_dir = Path(cfg.out)
+    return train(cfg, run_dir, rollout_during_training(cfg, run_dir))
