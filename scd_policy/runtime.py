@@ -44,6 +44,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from scd_policy.conventions import is_policy_image
 from scd_policy.policies import CheckpointError, Policy, load_policy, policy_class
 
 __all__ = [
@@ -190,7 +191,7 @@ class SCDPolicy:
         self.seed = seed
         self.latencies_ms: deque[float] = deque(maxlen=latency_window)
         self.steps_taken = 0  # control ticks since construction (all episodes)
-        self._images = {key for key, shape in cfg.input_shapes.items() if len(shape) == 3}
+        self._images = {key for key, shape in cfg.input_shapes.items() if is_policy_image(shape)}
         self._action_dim = cfg.action_dim
         # Ancestral DDPM draws noise at every denoising step: those streams are sampled one at a time so
         # that each stream's draws come from its own generator only.

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from scd_policy.data.normalizer import Normalizer, fit_normalizer
 from scd_policy.data.replay_buffer import ReplayBuffer
+from scd_policy.data.statistics import fit_normalizer
+from scd_policy.models.normalizer import Normalizer
 
 BufferFactory = Callable[..., Path]  # fixture from conftest.py: episodes whose values encode the step
 

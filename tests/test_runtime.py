@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 import scd_policy
 from scd_policy.config import DiffusionConfig, PolicyConfig, config_dir
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import CheckpointError, Policy, SeparableCausalDiffusionPolicy, make_policy
 from scd_policy.runtime import ObservationError, SCDPolicy, TemporalEnsembler, stream_generator
 
@@ -455,3 +455,18 @@ def test_docs_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
     runtime = namespace["policy"]
     assert isinstance(runtime, SCDPolicy) and runtime.steps_taken >= 1
     assert printed and printed[0]["p50_ms"] > 0
+
+
+def test_deploying_a_policy_does_not_import_the_data_layer() -> None:
+    # The normaliser belongs to the policy: a robot loading one needs neither zarr nor the dataset code.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from scd_policy.runtime import SCDPolicy; "
+        "print(sorted(m for m in sys.modules if m == 'zarr' or m.startswith('scd_policy.data')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -13,8 +13,8 @@ from torch import nn
 
 from scd_policy.config import PolicyConfig
 from scd_policy.data.dataset import WindowedDataset
-from scd_policy.data.normalizer import fit_normalizer
 from scd_policy.data.replay_buffer import ReplayBuffer
+from scd_policy.data.statistics import fit_normalizer
 from scd_policy.io import atomic_directory, atomic_write_text
 from scd_policy.policies import make_policy
 from scd_policy.training.ema import EMA

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from scd_policy.config import ConfigError, PolicyConfig, config_dir
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.conventions import is_policy_image
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import Policy, make_policy
 
 IMAGE_SHAPE = (3, 96, 96)  # CHW, one camera
@@ -117,7 +118,7 @@ def training_batch(policy: Policy, batch: int, seed: int) -> dict[str, Tensor]:
     n_actions = steps + config.horizon if config.is_causal else config.horizon
     out: dict[str, Tensor] = {}
     for key, shape in config.input_shapes.items():
-        if len(shape) == 3:
+        if is_policy_image(shape):
             out[key] = torch.rand(batch, steps, *shape, generator=gen)
         else:
             out[key] = torch.randn(batch, steps, *shape, generator=gen)

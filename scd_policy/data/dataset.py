@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from scd_policy.config import DataConfig, PolicyConfig
-from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer, is_image_shape
+from scd_policy.conventions import images_to_policy, is_image_shape, policy_shape
+from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 
 
 def split_episodes(
@@ -41,25 +42,6 @@ def split_episodes(
     if max_train_episodes is not None:
         train_ids = train_ids[:max_train_episodes]
     return np.sort(train_ids).astype(np.int64), np.sort(val_ids).astype(np.int64)
-
-
-def policy_shape(step_shape: Sequence[int]) -> list[int]:
-    """A per-step shape as the policy sees it: HWC images become CHW, others stay as they are."""
-    shape = [int(d) for d in step_shape]
-    if is_image_shape(tuple(shape)):
-        height, width, channels = shape
-        return [channels, height, width]
-    return shape
-
-
-def images_to_policy(frames: np.ndarray) -> np.ndarray:
-    """Stored images (..., H, W, C) with values 0..255 -> float32 (..., C, H, W) in [0, 1].
-
-    Diffusion Policy's PushT buffer stores float32 images in 0..255 too, so the scaling does not
-    depend on the dtype.
-    """
-    # (..., H, W, C) -> (..., C, H, W)
-    return np.moveaxis(frames, -1, -3).astype(np.float32) / np.float32(255.0)
 
 
 def input_shapes(buffer: ReplayBuffer, obs_keys: Sequence[str]) -> dict[str, list[int]]:

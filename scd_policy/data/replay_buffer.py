@@ -46,11 +46,6 @@ class DatasetError(ValueError):
     """A replay buffer or an episode is missing, malformed or inconsistent."""
 
 
-def is_image_shape(shape: tuple[int, ...]) -> bool:
-    """Per-step shapes stored as HWC images (1, 3 or 4 channels) by the project's convention."""
-    return len(shape) == 3 and shape[-1] in (1, 3, 4)
-
-
 def time_chunk_for(step_shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
     """Steps per chunk along time for an array whose steps have this shape and dtype (a power of 2)."""
     step_bytes = max(1, math.prod(step_shape) * dtype.itemsize)

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from scd_policy.data.replay_buffer import ReplayBuffer, is_image_shape
+from scd_policy.conventions import is_image_shape
+from scd_policy.data.replay_buffer import ReplayBuffer
 from scd_policy.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scd_policy.conventions import is_policy_image
+
 
 def _groups(channels: int) -> int:
     """GroupNorm groups: up to 8, dividing the channel count."""
@@ -99,7 +101,7 @@ class StepTokenizer(nn.Module):
                     nn.Linear(shape[0], d_model), nn.SiLU(), nn.Linear(d_model, d_model)
                 )
                 n_tokens += 1
-            elif len(shape) == 3:
+            elif is_policy_image(shape):
                 self.image_encoders[name] = ConvImageEncoder(shape[0], image_channels, image_tokens, d_model)
                 n_tokens += image_tokens
             else:

@@ -31,14 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from scd_policy.config import ConfigError, PolicyConfig, policy_config_from_dict
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.conventions import ACTION_KEY
 from scd_policy.io import atomic_write_bytes, atomic_write_text, sha256_file
+from scd_policy.models.normalizer import Normalizer
 
 FORMAT_NAME = "scd-policy"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-ACTION_KEY = "action"
 
 
 class CheckpointError(RuntimeError):

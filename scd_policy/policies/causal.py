@@ -38,11 +38,12 @@ from torch import Tensor
 
 from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.conventions import ACTION_KEY
 from scd_policy.models.causal_dit import History
 from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.models.tokenizer import StepTokenizer
-from scd_policy.policies.base import ACTION_KEY, Policy, StreamState
+from scd_policy.policies.base import Policy, StreamState
 
 # What ``encode_step`` hands to ``sample_chunk``: SCD's context tokens c_t (B, n_ctx, D), or the
 # monolithic baseline's prepared history keys/values. Each causal policy fixes its own type.

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
-from scd_policy.data.normalizer import Normalizer
 from scd_policy.models.causal_dit import CausalDiffusionTransformer, History
 from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies.base import masked_mse
 from scd_policy.policies.causal import CausalPolicy
 

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.conventions import ACTION_KEY
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.models.tokenizer import StepTokenizer
 from scd_policy.models.windowed_dit import WindowedDiffusionTransformer
-from scd_policy.policies.base import ACTION_KEY, Policy, StreamState, masked_mse
+from scd_policy.policies.base import Policy, StreamState, masked_mse
 
 
 def last_steps_edge_padded(x: Tensor, n: int) -> Tensor:

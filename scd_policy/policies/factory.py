@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from scd_policy.config import POLICY_TYPES, PolicyConfig
-from scd_policy.data.normalizer import Normalizer
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import causal_diffusion, diffusion_policy, scd  # noqa: F401  (registration)
 from scd_policy.policies.base import Policy, policy_class, registered_policies
 

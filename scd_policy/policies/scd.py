@@ -25,10 +25,10 @@ from torch import Tensor
 
 from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
-from scd_policy.data.normalizer import Normalizer
 from scd_policy.models.decoder import DiffusionDecoder
 from scd_policy.models.encoder import CausalEncoder
 from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies.base import masked_mse
 from scd_policy.policies.causal import CausalPolicy
 

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from scd_policy.config import ConfigError, ExperimentConfig
+from scd_policy.conventions import normalizer_mode
 from scd_policy.data.dataset import WindowedDataset, input_shapes, make_datasets
 from scd_policy.data.dataset import action_dim as dataset_action_dim
-from scd_policy.data.normalizer import fit_normalizer
+from scd_policy.data.statistics import fit_normalizer
 from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, make_policy
 from scd_policy.training.checkpoint import (
@@ -165,7 +166,7 @@ def _train(
     shapes = input_shapes(buffer, cfg.data.obs_keys)
     action_dim = dataset_action_dim(buffer, cfg.data.action_key)
     policy_cfg = dataclasses.replace(cfg.policy, input_shapes=shapes, action_dim=action_dim)
-    modes = {key: ("image" if len(shape) == 3 else "min_max") for key, shape in shapes.items()}
+    modes = {key: normalizer_mode(shape) for key, shape in shapes.items()}
     modes[cfg.data.action_key] = "min_max"
     normalizer = fit_normalizer(buffer, train_set.episode_ids, modes, rename={cfg.data.action_key: "action"})
     policy = make_policy(policy_cfg, normalizer).to(device)

@@ -28,12 +28,15 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lerobot_policy_scd.configuration_scd import SCDConfig, policy_key_map
-from scd_policy.data.normalizer import CONSTANT_TOLERANCE, Normalizer
+from scd_policy.conventions import ACTION_KEY
+from scd_policy.models.normalizer import Normalizer, affine_from_stats
 from scd_policy.policies import Policy, make_policy
-from scd_policy.policies.base import ACTION_KEY
 from scd_policy.runtime import SCDPolicy as StreamingRuntime
 
 SCD_SUBFOLDER = "scd_policy"  # scd-policy's own checkpoint format inside a LeRobot checkpoint
+
+
+_STAT_NAMES = ("min", "max", "mean", "std")  # the LeRobot per-feature statistics we read
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -62,14 +65,17 @@ def normalizer_from_stats(
         theirs = source_keys[key]
         if theirs not in stats:
             raise KeyError(f"LeRobot dataset statistics lack {theirs!r}; they cover {sorted(stats)}")
-        entry = stats[theirs]
-        if mode == "min_max":
-            low, high = _as_numpy(entry["min"]), _as_numpy(entry["max"])
-            offset, scale = (high + low) / 2, (high - low) / 2
-        else:
-            offset, scale = _as_numpy(entry["mean"]), _as_numpy(entry["std"])
-        # A constant dimension keeps scale 1 (maps to 0), as Normalizer.fit does.
-        normalizer.set_stats(key, offset, np.where(scale < CONSTANT_TOLERANCE, 1.0, scale))
+        entry = {name: _as_numpy(value) for name, value in stats[theirs].items() if name in _STAT_NAMES}
+        normalizer.set_stats(
+            key,
+            *affine_from_stats(
+                mode,
+                low=entry.get("min"),
+                high=entry.get("max"),
+                mean=entry.get("mean"),
+                std=entry.get("std"),
+            ),
+        )
     normalizer.fitted.fill_(True)
     return normalizer
 

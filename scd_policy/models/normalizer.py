@@ -1,5 +1,9 @@
 """Per-key normalisation of policy inputs and actions, fitted once and saved with the weights.
 
+The normaliser is part of the policy (a submodule: its statistics travel in the policy's state_dict),
+so it lives with the networks and needs no data layer: loading a policy for deployment does not import
+zarr. Fitting it on a replay buffer is the data layer's job (``scd_policy.data.statistics``).
+
 Every mode is an affine map ``x_norm = (x - offset) / scale`` with per-key buffers:
 
 - ``"min_max"``: offset = (max + min) / 2, scale = (max - min) / 2, so the data spans [-1, 1];
@@ -20,14 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from scd_policy.data.dataset import images_to_policy, policy_shape
-from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer, is_image_shape
-
 MODES = ("min_max", "mean_std", "image")
 CONSTANT_TOLERANCE = 1e-6
 
 
-def _stat_shape(shape: Sequence[int]) -> tuple[int, ...]:
+def stat_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Shape of a key's statistics: per channel for CHW images, per element otherwise."""
     shape = tuple(int(d) for d in shape)
     return (shape[0], 1, 1) if len(shape) == 3 else shape
@@ -71,14 +72,33 @@ class RunningStats:
     def offset_scale(self, mode: str) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
             raise ValueError("cannot fit normalisation statistics on zero samples")
-        if mode == "min_max":
-            offset, scale = (self.high + self.low) / 2, (self.high - self.low) / 2
-        else:
-            mean = self.total / self.count
-            offset, scale = mean, np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
-        # Constant dimension: leave it unscaled so it maps to 0 and inverts exactly.
-        scale = np.where(scale < CONSTANT_TOLERANCE, 1.0, scale)
-        return offset, scale
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.total_sq / self.count - mean**2, 0.0))
+        return affine_from_stats(mode, low=self.low, high=self.high, mean=mean, std=std)
+
+
+def affine_from_stats(
+    mode: str,
+    *,
+    low: np.ndarray | None = None,
+    high: np.ndarray | None = None,
+    mean: np.ndarray | None = None,
+    std: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (offset, scale) of a mode from summary statistics — the one home of the formula (min_max
+    needs low/high, mean_std needs mean/std); also used for statistics computed elsewhere (LeRobot's)."""
+    if mode == "min_max":
+        if low is None or high is None:
+            raise ValueError("min_max normalisation needs min and max statistics")
+        offset, scale = (high + low) / 2, (high - low) / 2
+    elif mode == "mean_std":
+        if mean is None or std is None:
+            raise ValueError("mean_std normalisation needs mean and std statistics")
+        offset, scale = mean, std
+    else:
+        raise ValueError(f"mode {mode!r} has no statistics to fit; expected 'min_max' or 'mean_std'")
+    # Constant dimension: leave it unscaled so it maps to 0 and inverts exactly.
+    return offset, np.where(scale < CONSTANT_TOLERANCE, 1.0, scale)
 
 
 class _KeyStats(nn.Module):
@@ -117,7 +137,7 @@ class Normalizer(nn.Module):
                 raise ValueError(f"key {key!r} has mode 'image' but shape {self.shapes[key]}, not (C, H, W)")
             # Image mode is fixed (offset 0.5, scale 0.5); other modes start as identity until fitted.
             fixed = (0.5, 0.5) if mode == "image" else (0.0, 1.0)
-            self.stats[_module_name(key)] = _KeyStats(_stat_shape(self.shapes[key]), *fixed)
+            self.stats[_module_name(key)] = _KeyStats(stat_shape(self.shapes[key]), *fixed)
         # Persistent, so a loaded state_dict from a fitted normaliser counts as fitted.
         needs_stats = any(mode != "image" for mode in self.modes.values())
         self.register_buffer("fitted", torch.tensor(not needs_stats))
@@ -132,7 +152,7 @@ class Normalizer(nn.Module):
         normalizer = cls({key: arrays[key].shape[1:] for key in modes}, modes)
         for key, mode in modes.items():
             if mode != "image":
-                stats = RunningStats.empty(_stat_shape(normalizer.shapes[key]))
+                stats = RunningStats.empty(stat_shape(normalizer.shapes[key]))
                 stats.update(arrays[key])
                 normalizer.set_stats(key, *stats.offset_scale(mode))
         normalizer.fitted.fill_(True)
@@ -197,44 +217,3 @@ class Normalizer(nn.Module):
 
 def _to_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def fit_normalizer(
-    buffer: ReplayBuffer,
-    episode_ids: Sequence[int] | np.ndarray,
-    keys_modes: Mapping[str, str],
-    rename: Mapping[str, str] | None = None,
-) -> Normalizer:
-    """Fit a normaliser on the given episodes (the train split) of a buffer, one episode at a time.
-
-    Shapes are the policy's (images CHW); image keys in mode "image" need no data and are not read.
-    ``rename`` maps buffer keys to the names the policy uses (e.g. a custom action key -> "action").
-    """
-    rename = dict(rename or {})
-    missing = [key for key in keys_modes if key not in buffer.keys]
-    if missing:
-        raise KeyError(f"normaliser keys {missing} are not in {buffer.path}; known keys: {buffer.keys}")
-    ids = np.asarray(episode_ids, dtype=np.int64).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("fit_normalizer needs at least one episode")
-    shapes = {rename.get(key, key): policy_shape(buffer.shapes[key]) for key in keys_modes}
-    normalizer = Normalizer(shapes, {rename.get(key, key): mode for key, mode in keys_modes.items()})
-    for key, mode in keys_modes.items():
-        if mode == "image":
-            continue
-        name = rename.get(key, key)
-        stats = RunningStats.empty(_stat_shape(shapes[name]))
-        image = is_image_shape(buffer.shapes[key])
-        for episode in ids:
-            span = buffer.episode_slice(int(episode))
-            values = buffer.get_steps(key, np.arange(span.start, span.stop))
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                step = int(np.argwhere(~np.isfinite(values).reshape(len(values), -1).all(axis=1))[0][0])
-                raise DatasetError(
-                    f"data/{key} in {buffer.path} holds NaN or inf (episode {int(episode)}, its step "
-                    f"{step}); the policy cannot be fitted on it — clean or re-record that episode"
-                )
-            stats.update(images_to_policy(values) if image else values)
-        normalizer.set_stats(name, *stats.offset_scale(mode))
-    normalizer.fitted.fill_(True)
-    return normalizer
