@@ -100,9 +100,11 @@ def make_env(
     camera: str | None = None,
     image_size: int = 96,
     render_mode: str | None = None,
+    render_size: int = 256,
     max_episode_steps: int | None = None,
 ) -> gym.Env[Any, Any]:
-    """Build a task's env with dict observations (``state``; ``image`` when ``image=True``)."""
+    """Build a task's env with dict observations (``state``; ``image`` when ``image=True``);
+    ``render()`` frames (``render_mode="rgb_array"``) are ``render_size`` pixels square."""
     spec = get_task(name)
     if camera is not None and camera not in spec.cameras:
         raise ValueError(f"task {name!r} has no camera {camera!r}; available: {spec.cameras}")
@@ -112,6 +114,7 @@ def make_env(
         camera=camera or spec.cameras[0],
         image_size=image_size,
         render_mode=render_mode,
+        render_size=render_size,
         max_episode_steps=max_episode_steps or spec.max_episode_steps,
     )
 

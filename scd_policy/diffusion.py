@@ -114,13 +114,22 @@ def _alpha_bar_at(t: Tensor, config: DiffusionConfig) -> Tensor:
     return alphas_cumprod(config).to(t.device)[_step_index(t, config)]
 
 
+def resolve_num_steps(config: DiffusionConfig, num_steps: int | None) -> int:
+    """K for a sampling run: ``num_steps``, or the config's default when None — checked here, the one
+    place (>= 1; a DDPM/DDIM sampler takes at most ``num_train_timesteps``)."""
+    steps = config.num_inference_steps if num_steps is None else int(num_steps)
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    if config.process == "ddpm" and steps > config.num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={steps} must be in [1, num_train_timesteps={config.num_train_timesteps}]"
+        )
+    return steps
+
+
 def inference_timesteps(config: DiffusionConfig, num_steps: int) -> list[int]:
     """DDPM/DDIM step indices, highest first, evenly spaced from 0 ("leading" spacing)."""
-    if not 1 <= num_steps <= config.num_train_timesteps:
-        raise ValueError(
-            f"num_inference_steps={num_steps} must be in "
-            f"[1, num_train_timesteps={config.num_train_timesteps}]"
-        )
+    num_steps = resolve_num_steps(config, num_steps)
     ratio = config.num_train_timesteps // num_steps
     return [i * ratio for i in reversed(range(num_steps))]
 
@@ -167,9 +176,7 @@ def sample(
     (optional) is called once with ``sampling_times`` as a float32 tensor (K,) on ``device`` and
     returns the step function used instead of ``denoise_fn`` (same results, less work per call).
     """
-    steps = config.num_inference_steps if num_steps is None else int(num_steps)
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    steps = resolve_num_steps(config, num_steps)
     if noise is None:
         x = initial_noise(shape, generator=generator, device=device, dtype=dtype)
     else:

@@ -60,6 +60,7 @@ class EnvSettings:
                 camera=self.camera,
                 image_size=self.image_size,
                 render_mode="rgb_array" if render_size else None,
+                render_size=render_size or 256,
             )
             return env
 
@@ -99,6 +100,7 @@ def evaluate(
     obs_keys = list(policy.config.input_shapes)
     per_seed: list[dict[str, Any]] = []
     latencies: list[float] = []
+    num_steps = 0  # K, as the runtime resolves it
     recorded: dict[str, list[np.ndarray]] = {}  # video file name -> frames, written after the results
     try:
         bar = tqdm(total=cfg.episodes * len(cfg.seeds), desc=f"eval {settings.task}", disable=not progress)
@@ -123,6 +125,7 @@ def evaluate(
                 spec.episode_metrics,
             )
             latencies.extend(runtime.latencies_ms)
+            num_steps = runtime.num_inference_steps
             for episode, frames in outcome.pop("frames").items():
                 recorded[f"seed{seed}_episode{episode}.mp4"] = frames
             record = False  # videos of the first seed only
@@ -146,7 +149,7 @@ def evaluate(
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p90": float(np.percentile(lat, 90)),
         "latency_batch": n_envs,
-        "num_inference_steps": cfg.num_inference_steps or policy.config.diffusion.num_inference_steps,
+        "num_inference_steps": num_steps,
         "per_seed": per_seed,
         "videos": [],
     }

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from scd_policy.conventions import is_policy_image
+from scd_policy.diffusion import resolve_num_steps
 from scd_policy.policies import CheckpointError, Policy, load_policy, policy_class
 
 __all__ = [
@@ -147,7 +148,8 @@ class SCDPolicy:
     ``ensemble_decay`` (see ``TemporalEnsembler``); ``seed`` of the per-stream noise generators (None:
     fresh entropy); ``num_threads`` for torch's CPU ops (process-wide); ``compile`` the denoiser with
     ``torch.compile`` (see ``compile_denoiser``; the first steps then include compilation);
-    ``latency_window`` the number of recent per-step latencies kept in ``latencies_ms``.
+    ``latency_window`` the number of recent per-step latencies kept in ``latencies_ms``;
+    ``context_window`` the steps a causal policy attends to (default: its ``config.context_window``).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class SCDPolicy:
         num_threads: int | None = None,
         compile: bool = False,
         latency_window: int = 10_000,
+        context_window: int | None = None,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -176,15 +179,13 @@ class SCDPolicy:
             raise ValueError(
                 f"n_action_steps={n_action_steps} must be in [1, {self.chunk_len}] for this policy"
             )
-        if num_inference_steps is not None and num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.policy = policy.eval()
         self.config = cfg
         self.num_envs = num_envs
         self.n_action_steps = 1 if replan_every_step else n_action_steps
-        self.num_inference_steps = num_inference_steps
+        self.num_inference_steps = resolve_num_steps(cfg.diffusion, num_inference_steps)  # K, resolved
         self.replan_every_step = replan_every_step
         self.device = next(policy.parameters()).device
         self.dtype = next(policy.parameters()).dtype
@@ -196,7 +197,8 @@ class SCDPolicy:
         # Ancestral DDPM draws noise at every denoising step: those streams are sampled one at a time so
         # that each stream's draws come from its own generator only.
         self._per_stream_sampling = cfg.diffusion.process == "ddpm" and cfg.diffusion.sampler == "ddpm"
-        self._state = policy.init_state(num_envs)  # the policy's own per-stream history (opaque here)
+        # The policy's own per-stream history (opaque here).
+        self._state = policy.init_state(num_envs, context_window=context_window)
         self._ensembler = TemporalEnsembler(
             num_envs, self.chunk_len, self._action_dim, ensemble_decay, self.device
         )

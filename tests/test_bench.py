@@ -13,7 +13,7 @@ import torch
 
 from scd_policy import diffusion
 from scd_policy.bench import BenchConfig, run_suites
-from scd_policy.bench.setup import build_policy, with_context_window
+from scd_policy.bench.setup import build_policy, context_window_for
 from scd_policy.config import ConfigError
 from scd_policy.runtime import SCDPolicy
 
@@ -138,8 +138,9 @@ def test_prepared_sampling_equals_the_per_call_reference(policy_type: str) -> No
 
 def test_runtime_history_stays_at_the_primed_length() -> None:
     policy = build_policy("scd", "tiny", 5, 3, False, "cpu", 0)
-    with_context_window(policy, 4)
-    runtime = SCDPolicy(policy, num_inference_steps=1, replan_every_step=True)
+    runtime = SCDPolicy(
+        policy, num_inference_steps=1, replan_every_step=True, context_window=context_window_for(4)
+    )
     for _ in range(9):
         runtime.step({"state": torch.randn(5)})
     assert runtime._state.cache.n_steps == 5  # 4 past steps + the current one

@@ -89,7 +89,9 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
     # scd-eval on the run folder: fixed seeds, two seeds, videos of the first episodes.
     out = tmp_path / "eval.json"
     results = run_evaluation(
-        EvalRunConfig(checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=1, out=str(out))
+        EvalRunConfig(
+            checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=1, video_size=64, out=str(out)
+        )
     )
     on_disk = json.loads(out.read_text())
     assert on_disk["success_rate"] == results["success_rate"]
@@ -97,6 +99,9 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
     assert on_disk["latency_ms_p50"] > 0 and on_disk["latency_ms_p90"] >= on_disk["latency_ms_p50"]
     video = Path(on_disk["videos"][0])
     assert video.exists() and video.stat().st_size > 1000
+    import imageio.v2 as imageio
+
+    assert imageio.get_reader(video).get_data(0).shape == (64, 64, 3)  # eval.video_size reaches the renderer
     # Same checkpoint, same seeds -> the same numbers.
     again = run_evaluation(
         EvalRunConfig(checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=0, out=str(out))

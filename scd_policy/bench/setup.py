@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,16 +78,10 @@ def build_policy(
     return policy.to(device).eval()
 
 
-def with_context_window(policy: Policy, history: int) -> None:
-    """Let a causal policy's run-time cache hold ``history`` past steps plus the current one, so a
-    primed runtime stays at exactly ``history`` steps of context while it keeps stepping."""
-    config = policy.config
-    if not config.is_causal:
-        return
-    window = history + 1
-    policy.config = dataclasses.replace(
-        config, context_window=window, train_window=min(config.train_window, window)
-    )
+def context_window_for(history: int) -> int:
+    """The run-time window that holds ``history`` past steps plus the current one, so a primed runtime
+    stays at exactly ``history`` steps of context while it keeps stepping (the policy is not changed)."""
+    return history + 1
 
 
 def parameter_count(policy: Policy) -> int:

@@ -29,10 +29,10 @@ from scd_policy.bench.config import SUITES, BenchConfig
 from scd_policy.bench.measure import interleaved, peak_memory_mb, summary, synchronize
 from scd_policy.bench.setup import (
     build_policy,
+    context_window_for,
     parameter_count,
     random_observation,
     training_batch,
-    with_context_window,
 )
 from scd_policy.policies import Policy
 from scd_policy.runtime import SCDPolicy
@@ -79,8 +79,6 @@ class Bench:
             for name in cfg.policies
         }
         self.params = {name: parameter_count(p) for name, p in self.policies.items()}
-        # The grids change the causal policies' context_window; training uses the preset's windows.
-        self.configs = {name: p.config for name, p in self.policies.items()}
         self.common = {"device": cfg.device, "threads": cfg.threads, "size": cfg.size, "images": cfg.images}
 
     # ------------------------------------------------------------------ runtime grids
@@ -89,10 +87,9 @@ class Bench:
         return random_observation(self.rng, num_envs, self.cfg.state_dim, self.cfg.images)
 
     def _primed(self, name: str, history: int, num_envs: int, replan_every_step: bool) -> SCDPolicy:
-        policy = self.policies[name]
-        with_context_window(policy, history)
         runtime = SCDPolicy(
-            policy,
+            self.policies[name],
+            context_window=context_window_for(history),
             num_envs=num_envs,
             num_inference_steps=1,
             replan_every_step=replan_every_step,
@@ -190,7 +187,6 @@ class Bench:
         cfg = self.cfg
         steps: dict[str, Callable[[], float | None]] = {}
         for name, policy in self.policies.items():
-            policy.config = self.configs[name]
             steps[name] = self._train_step(policy)
         values = interleaved(steps, cfg.train_rounds, min(cfg.warmup, 2))
         rows = []

@@ -141,8 +141,10 @@ class Policy(nn.Module, ABC):
     # ------------------------------------------------------------------ streaming
 
     @abstractmethod
-    def init_state(self, num_streams: int) -> StreamState:
-        """An empty per-stream state for ``num_streams`` parallel episodes."""
+    def init_state(self, num_streams: int, context_window: int | None = None) -> StreamState:
+        """An empty per-stream state for ``num_streams`` parallel episodes; ``context_window`` bounds
+        the steps a causal policy attends to at run time (default ``config.context_window``; the
+        windowed baseline's window is its ``n_obs_steps`` and ignores it)."""
 
     @abstractmethod
     def observe(

@@ -129,8 +129,10 @@ class CausalPolicy(Policy, Generic[ContextT]):
 
     # ------------------------------------------------------------------ the streaming protocol
 
-    def init_state(self, num_streams: int) -> CausalStreamState[ContextT]:
-        return CausalStreamState(self.init_cache())
+    def init_state(self, num_streams: int, context_window: int | None = None) -> CausalStreamState[ContextT]:
+        if context_window is not None and context_window < 1:
+            raise ValueError(f"context_window must be >= 1, got {context_window}")
+        return CausalStreamState(self.new_cache(context_window or self.config.context_window))
 
     def observe(
         self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor

@@ -90,7 +90,7 @@ class DiffusionPolicy(Policy):
 
     # ------------------------------------------------------------------ the streaming protocol
 
-    def init_state(self, num_streams: int) -> ObservationWindow:
+    def init_state(self, num_streams: int, context_window: int | None = None) -> ObservationWindow:
         return ObservationWindow(num_streams, self.config.n_obs_steps)
 
     def observe(
