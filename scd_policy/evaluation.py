@@ -25,7 +25,7 @@ from envs.registry import get_task, make_env
 from scd_policy.config import ConfigError, EvalConfig
 from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, load_policy
-from scd_policy.runtime import SCDPolicy
+from scd_policy.runtime import PolicyRuntime
 from scd_policy.training.checkpoint import resolve_policy_dir
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def evaluate(
     try:
         bar = tqdm(total=cfg.episodes * len(cfg.seeds), desc=f"eval {settings.task}", disable=not progress)
         for seed in cfg.seeds:
-            runtime = SCDPolicy(
+            runtime = PolicyRuntime(
                 policy,
                 num_envs=n_envs,
                 n_action_steps=cfg.n_action_steps,
@@ -173,7 +173,7 @@ def evaluate(
 
 def _run_seed(
     envs: gym.vector.AsyncVectorEnv | gym.vector.SyncVectorEnv,
-    runtime: SCDPolicy,
+    runtime: PolicyRuntime,
     seed: int,
     episodes: int,
     max_steps: int,

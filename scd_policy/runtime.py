@@ -52,6 +52,7 @@ __all__ = [
     "CheckpointError",
     "ObservationError",
     "PolicyOutputError",
+    "PolicyRuntime",
     "SCDPolicy",
     "TemporalEnsembler",
     "stream_generator",
@@ -134,12 +135,12 @@ class TemporalEnsembler:
         return (weights[:, :, None] * aged[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
 
 
-class SCDPolicy:
+class PolicyRuntime:
     """The streaming policy API for any trained policy (scd, causal_diffusion, diffusion_policy).
 
     Example::
 
-        policy = SCDPolicy.from_pretrained("runs/push_t/best")
+        policy = PolicyRuntime.from_pretrained("runs/push_t/best")
         policy.reset()
         action = policy.step({"state": state})  # raw units in, raw units out
 
@@ -216,7 +217,7 @@ class SCDPolicy:
         *,
         policy_type: str | None = None,
         **kwargs: Any,
-    ) -> SCDPolicy:
+    ) -> PolicyRuntime:
         """Load a policy folder (``model.safetensors`` + ``config.json``) written by training.
 
         ``policy_type`` (e.g. ``"scd"``) refuses a folder holding another type; a folder of another
@@ -462,3 +463,7 @@ class SCDPolicy:
                 "[0, 1] (pass 0..255 images as uint8, or in HWC layout)"
             )
         return array.astype(np.float32, copy=False)
+
+
+# The name earlier releases gave the runtime (``from scd_policy import SCDPolicy`` keeps working).
+SCDPolicy = PolicyRuntime

@@ -15,7 +15,7 @@ from scd_policy import diffusion
 from scd_policy.bench import BenchConfig, run_suites
 from scd_policy.bench.setup import build_policy, context_window_for
 from scd_policy.config import ConfigError
-from scd_policy.runtime import SCDPolicy
+from scd_policy.runtime import PolicyRuntime
 
 REQUIRED = {"policy", "K", "history", "batch", "p50_ms", "p90_ms", "params", "ratio_vs_scd", "mode", "suite"}
 
@@ -138,7 +138,7 @@ def test_prepared_sampling_equals_the_per_call_reference(policy_type: str) -> No
 
 def test_runtime_history_stays_at_the_primed_length() -> None:
     policy = build_policy("scd", "tiny", 5, 3, False, "cpu", 0)
-    runtime = SCDPolicy(
+    runtime = PolicyRuntime(
         policy, num_inference_steps=1, replan_every_step=True, context_window=context_window_for(4)
     )
     for _ in range(9):

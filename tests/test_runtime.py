@@ -20,7 +20,7 @@ import scd_policy
 from scd_policy.config import DiffusionConfig, PolicyConfig, config_dir
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import CheckpointError, Policy, SeparableCausalDiffusionPolicy, make_policy
-from scd_policy.runtime import ObservationError, SCDPolicy, TemporalEnsembler, stream_generator
+from scd_policy.runtime import ObservationError, PolicyRuntime, TemporalEnsembler, stream_generator
 
 TYPES = ("scd", "causal_diffusion", "diffusion_policy")
 STATE_DIM, ACTION_DIM, IMAGE = 4, 2, (3, 8, 8)
@@ -85,7 +85,7 @@ def episode(steps: int, n: int = 1, seed: int = 0, image: bool = False) -> dict[
     return obs
 
 
-def run(runtime: SCDPolicy, obs: dict[str, np.ndarray]) -> np.ndarray:
+def run(runtime: PolicyRuntime, obs: dict[str, np.ndarray]) -> np.ndarray:
     """Step through (T, N, ...) observations; actions (T, N, Da)."""
     steps = next(iter(obs.values())).shape[0]
     return np.stack([runtime.step({k: v[t] for k, v in obs.items()}) for t in range(steps)])
@@ -118,7 +118,7 @@ def test_step_equals_predict_chunk_on_the_same_history_and_noise(
     policy = build(policy_type, image=image, diffusion=diffusion)
     steps, seed = 11, 7  # 11 > context_window = 7: eviction is in play for the causal policies
     obs = episode(steps, image=image)
-    runtime = SCDPolicy(policy, num_inference_steps=K, seed=seed)
+    runtime = PolicyRuntime(policy, num_inference_steps=K, seed=seed)
     actions = run(runtime, {k: v[:, 0] for k, v in obs.items()})  # unbatched input -> (T, Da)
     assert actions.shape == (steps, ACTION_DIM) and actions.dtype == np.float32
 
@@ -138,7 +138,9 @@ def test_step_equals_predict_chunk_on_the_same_history_and_noise(
         replans += 1
     assert replans == 4
     # The noise matters: another seed gives other actions.
-    other = run(SCDPolicy(policy, num_inference_steps=K, seed=seed + 1), {k: v[:, 0] for k, v in obs.items()})
+    other = run(
+        PolicyRuntime(policy, num_inference_steps=K, seed=seed + 1), {k: v[:, 0] for k, v in obs.items()}
+    )
     assert np.abs(other - actions).max() > 1e-3
 
 
@@ -152,7 +154,7 @@ def test_scd_runs_the_encoder_once_per_step_on_the_new_step_only() -> None:
         policy.decoder.register_forward_hook(lambda *_: decoder_calls.__setitem__(0, decoder_calls[0] + 1)),
     ]
     try:
-        run(SCDPolicy(policy, num_inference_steps=4), {"state": episode(9)["state"][:, 0]})
+        run(PolicyRuntime(policy, num_inference_steps=4), {"state": episode(9)["state"][:, 0]})
     finally:
         for hook in hooks:
             hook.remove()
@@ -167,23 +169,23 @@ def test_scd_runs_the_encoder_once_per_step_on_the_new_step_only() -> None:
 def test_reset_clears_every_piece_of_episode_state(policy_type: str) -> None:
     policy = build(policy_type)
     first, second = episode(8, seed=1), episode(8, seed=2)
-    runtime = SCDPolicy(policy, num_inference_steps=K, seed=3)
+    runtime = PolicyRuntime(policy, num_inference_steps=K, seed=3)
     run(runtime, first)
     noise_state = runtime.generators[0].get_state()
     runtime.reset()  # state cleared, generators keep running
     after_reset = run(runtime, second)
 
-    fresh = SCDPolicy(policy, num_inference_steps=K, seed=3)
+    fresh = PolicyRuntime(policy, num_inference_steps=K, seed=3)
     fresh.generators[0].set_state(noise_state)
     np.testing.assert_array_equal(after_reset, run(fresh, second))
 
     runtime.reset(seed=3)  # also re-seeded: exactly a fresh runtime
     np.testing.assert_array_equal(
-        run(runtime, second), run(SCDPolicy(policy, num_inference_steps=K, seed=3), second)
+        run(runtime, second), run(PolicyRuntime(policy, num_inference_steps=K, seed=3), second)
     )
 
     # Without a reset the history (or the window) and the queue carry over: other actions.
-    carried = SCDPolicy(policy, num_inference_steps=K, seed=3)
+    carried = PolicyRuntime(policy, num_inference_steps=K, seed=3)
     run(carried, first)
     carried.generators[0].set_state(noise_state)
     assert np.abs(run(carried, second) - after_reset).max() > 1e-4
@@ -194,9 +196,9 @@ def test_per_env_reset_only_affects_that_env(policy_type: str) -> None:
     policy = build(policy_type)
     steps, at = 12, 5  # the reset comes mid-queue for the other streams (they replan at 0, 3, 6, 9)
     obs = episode(steps, n=3, seed=4)
-    plain = run(SCDPolicy(policy, num_envs=3, num_inference_steps=K, seed=0), obs)
+    plain = run(PolicyRuntime(policy, num_envs=3, num_inference_steps=K, seed=0), obs)
 
-    runtime = SCDPolicy(policy, num_envs=3, num_inference_steps=K, seed=0)
+    runtime = PolicyRuntime(policy, num_envs=3, num_inference_steps=K, seed=0)
     new_episode = episode(steps - at, n=3, seed=5)
     mixed = {key: value.copy() for key, value in obs.items()}
     mixed["state"][at:, 1] = new_episode["state"][:, 1]
@@ -211,12 +213,12 @@ def test_per_env_reset_only_affects_that_env(policy_type: str) -> None:
     np.testing.assert_allclose(with_reset[:, [0, 2]], plain[:, [0, 2]], atol=2e-5, rtol=0)
     assert np.abs(with_reset[at:, 1] - plain[at:, 1]).max() > 1e-3
     # Stream 1 after its reset: exactly a fresh stream 1 (seed 9) that only ever saw the new episode.
-    fresh = run(SCDPolicy(policy, num_envs=3, num_inference_steps=K, seed=9), new_episode)
+    fresh = run(PolicyRuntime(policy, num_envs=3, num_inference_steps=K, seed=9), new_episode)
     np.testing.assert_allclose(with_reset[at:, 1], fresh[:, 1], atol=2e-5, rtol=0)
 
 
 def test_reset_mask_shape_is_checked() -> None:
-    runtime = SCDPolicy(build("scd"), num_envs=2)
+    runtime = PolicyRuntime(build("scd"), num_envs=2)
     with pytest.raises(ValueError, match=r"reset mask has shape \(3,\); expected \(2,\)"):
         runtime.reset([True, False, True])
 
@@ -230,7 +232,7 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def _runtime_tensors(runtime: SCDPolicy) -> list[torch.Tensor]:
+def _runtime_tensors(runtime: PolicyRuntime) -> list[torch.Tensor]:
     cache = runtime._state.cache
     assert cache is not None and cache.valid is not None
     state = [runtime._queue, runtime._prev_action, runtime._prev_valid, runtime._ensembler.chunks]
@@ -246,7 +248,7 @@ def test_memory_is_flat_over_a_10000_step_episode() -> None:
     policy = build(
         "scd", d_model=16, n_heads=2, encoder_layers=1, decoder_layers=1, context_window=8, train_window=4
     )
-    runtime = SCDPolicy(policy, n_action_steps=HORIZON, num_inference_steps=1, latency_window=500)
+    runtime = PolicyRuntime(policy, n_action_steps=HORIZON, num_inference_steps=1, latency_window=500)
     states = np.random.default_rng(0).normal(size=(97, STATE_DIM)).astype(np.float32)
     sizes, rss = {}, {}
     for t in range(1, 10_001):
@@ -298,7 +300,7 @@ def test_replan_every_step_with_decay_zero_averages_the_overlapping_chunks(polic
     policy = build(policy_type)
     steps = 9
     obs = episode(steps, seed=6)["state"][:, 0]
-    runtime = SCDPolicy(policy, num_inference_steps=K, replan_every_step=True, ensemble_decay=0.0, seed=2)
+    runtime = PolicyRuntime(policy, num_inference_steps=K, replan_every_step=True, ensemble_decay=0.0, seed=2)
     actions = run(runtime, {"state": obs})
     # Offline: the chunk of every tick from the same history and noise, from the current tick on.
     generator = stream_generator(2, 0)
@@ -324,7 +326,7 @@ def test_bad_observations_raise_a_clear_error_and_leave_the_state_alone() -> Non
     policy = build("scd", image=True)
     good = episode(4, image=True)
     one = {key: value[0, 0] for key, value in good.items()}  # state (4,), image (8, 8, 3) uint8
-    runtime = SCDPolicy(policy, num_inference_steps=K)
+    runtime = PolicyRuntime(policy, num_inference_steps=K)
     cases: list[tuple[Any, str]] = [
         (
             {"state": one["state"]},
@@ -353,9 +355,9 @@ def test_bad_observations_raise_a_clear_error_and_leave_the_state_alone() -> Non
             runtime.step(obs)
     assert runtime.steps_taken == 0 and issubclass(ObservationError, ValueError)
     # The failed calls changed nothing: the episode matches a fresh runtime's.
-    np.testing.assert_array_equal(run(runtime, good), run(SCDPolicy(policy, num_inference_steps=K), good))
+    np.testing.assert_array_equal(run(runtime, good), run(PolicyRuntime(policy, num_inference_steps=K), good))
 
-    batched = SCDPolicy(policy, num_envs=2)
+    batched = PolicyRuntime(policy, num_envs=2)
     two = {key: value[0] for key, value in episode(1, n=2, image=True).items()}
     with pytest.raises(ObservationError, match=r"'state' has shape \(4,\); expected \(2, 4\)"):
         batched.step({**two, "state": two["state"][0]})
@@ -366,18 +368,20 @@ def test_bad_observations_raise_a_clear_error_and_leave_the_state_alone() -> Non
 def test_image_layouts_and_input_types_agree() -> None:
     policy = build("scd", image=True)
     obs = episode(3, image=True)
-    hwc_uint8 = run(SCDPolicy(policy, num_inference_steps=K), obs)
+    hwc_uint8 = run(PolicyRuntime(policy, num_inference_steps=K), obs)
     chw = {"state": obs["state"], "image": np.moveaxis(obs["image"], -1, -3)}
-    chw_uint8 = run(SCDPolicy(policy, num_inference_steps=K), chw)
+    chw_uint8 = run(PolicyRuntime(policy, num_inference_steps=K), chw)
     chw_float = run(
-        SCDPolicy(policy, num_inference_steps=K), {**chw, "image": chw["image"] / np.float32(255)}
+        PolicyRuntime(policy, num_inference_steps=K), {**chw, "image": chw["image"] / np.float32(255)}
     )
-    tensors = run(SCDPolicy(policy, num_inference_steps=K), {k: torch.from_numpy(v) for k, v in obs.items()})
+    tensors = run(
+        PolicyRuntime(policy, num_inference_steps=K), {k: torch.from_numpy(v) for k, v in obs.items()}
+    )
     np.testing.assert_array_equal(hwc_uint8, chw_uint8)
     np.testing.assert_allclose(hwc_uint8, chw_float, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(hwc_uint8, tensors)
     # A leading axis of 1 is accepted for one stream and kept on the output; float64 states are fine.
-    runtime = SCDPolicy(policy, num_inference_steps=K)
+    runtime = PolicyRuntime(policy, num_inference_steps=K)
     action = runtime.step({"state": obs["state"][0].astype(np.float64), "image": obs["image"][0]})
     assert action.shape == (1, ACTION_DIM) and action.dtype == np.float32
     np.testing.assert_allclose(action, hwc_uint8[0], atol=1e-6, rtol=0)
@@ -386,11 +390,11 @@ def test_image_layouts_and_input_types_agree() -> None:
 def test_constructor_arguments_are_checked() -> None:
     policy = build("diffusion_policy")
     with pytest.raises(ValueError, match=r"n_action_steps=6 must be in \[1, 5\]"):
-        SCDPolicy(policy, n_action_steps=6)  # its chunk starts n_obs_steps - 1 = 1 tick back
+        PolicyRuntime(policy, n_action_steps=6)  # its chunk starts n_obs_steps - 1 = 1 tick back
     with pytest.raises(ValueError, match="num_envs must be >= 1"):
-        SCDPolicy(policy, num_envs=0)
+        PolicyRuntime(policy, num_envs=0)
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
-        SCDPolicy(policy, num_inference_steps=0)
+        PolicyRuntime(policy, num_inference_steps=0)
 
 
 # ----------------------------------------------------------------------------- loading, latency
@@ -400,28 +404,32 @@ def test_from_pretrained_and_checkpoint_errors(tmp_path: Path) -> None:
     policy = build("causal_diffusion")
     folder = tmp_path / "policy"
     policy.save_pretrained(folder)
-    runtime = scd_policy.SCDPolicy.from_pretrained(folder, num_inference_steps=K, n_action_steps=2)
+    runtime = scd_policy.PolicyRuntime.from_pretrained(folder, num_inference_steps=K, n_action_steps=2)
     assert runtime.config.type == "causal_diffusion" and runtime.n_action_steps == 2
     np.testing.assert_array_equal(
-        run(runtime, episode(4)), run(SCDPolicy(policy, num_inference_steps=K, n_action_steps=2), episode(4))
+        run(runtime, episode(4)),
+        run(PolicyRuntime(policy, num_inference_steps=K, n_action_steps=2), episode(4)),
     )
-    assert SCDPolicy.from_pretrained(folder, policy_type="causal_diffusion").config.type == "causal_diffusion"
+    assert (
+        PolicyRuntime.from_pretrained(folder, policy_type="causal_diffusion").config.type
+        == "causal_diffusion"
+    )
     with pytest.raises(CheckpointError, match="holds a 'causal_diffusion' policy"):
-        SCDPolicy.from_pretrained(folder, policy_type="scd")
+        PolicyRuntime.from_pretrained(folder, policy_type="scd")
     record = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**record, "format_version": 2}))
     with pytest.raises(CheckpointError, match="format_version 2; this scd-policy reads version 1"):
-        SCDPolicy.from_pretrained(folder)
+        PolicyRuntime.from_pretrained(folder)
     act = {**record, "policy_type": "act", "config": {**record["config"], "type": "act"}}
     (folder / "config.json").write_text(json.dumps(act))  # a policy type this library does not know
     with pytest.raises(CheckpointError, match=r"invalid config: policy\.type='act'"):
-        SCDPolicy.from_pretrained(folder)
+        PolicyRuntime.from_pretrained(folder)
     with pytest.raises(CheckpointError, match="no such directory"):
-        SCDPolicy.from_pretrained(tmp_path / "missing")
+        PolicyRuntime.from_pretrained(tmp_path / "missing")
 
 
 def test_latency_stats() -> None:
-    runtime = SCDPolicy(build("scd"), num_inference_steps=K, latency_window=4)
+    runtime = PolicyRuntime(build("scd"), num_inference_steps=K, latency_window=4)
     run(runtime, episode(3))
     assert len(runtime.latencies_ms) == 3 and all(v > 0 for v in runtime.latencies_ms)
     assert runtime.latency_stats(warmup=1)["steps"] == 2
@@ -453,7 +461,7 @@ def test_docs_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
     namespace: dict[str, Any] = {"print": printed.append}
     exec(compile(example, "docs/deployment.md", "exec"), namespace)
     runtime = namespace["policy"]
-    assert isinstance(runtime, SCDPolicy) and runtime.steps_taken >= 1
+    assert isinstance(runtime, PolicyRuntime) and runtime.steps_taken >= 1
     assert printed and printed[0]["p50_ms"] > 0
 
 
@@ -463,7 +471,7 @@ def test_deploying_a_policy_does_not_import_the_data_layer() -> None:
     import sys
 
     code = (
-        "import sys; from scd_policy.runtime import SCDPolicy; "
+        "import sys; from scd_policy.runtime import PolicyRuntime; "
         "print(sorted(m for m in sys.modules if m == 'zarr' or m.startswith('scd_policy.data')))"
     )
     result = subprocess.run(

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from scd_policy.collection import CollectConfig, collect
 from scd_policy.evaluation import EvalRunConfig, run_evaluation
 from scd_policy.policies import CheckpointError, Policy, load_policy
-from scd_policy.runtime import SCDPolicy
+from scd_policy.runtime import PolicyRuntime
 from scd_policy.training.experiment import compose_experiment, run_training
 from scd_policy.training.trainer import train
 
@@ -82,7 +82,7 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
     # The trained policy knows its shapes from the data and acts inside the action space.
     policy = load_policy(final)
     assert policy.config.input_shapes == {"state": [6]} and policy.config.action_dim == 2
-    runtime = SCDPolicy.from_pretrained(final)
+    runtime = PolicyRuntime.from_pretrained(final)
     action = runtime.step({"state": [0.0, -0.2, 0.0, -0.1, 0.0, 0.2]})
     assert action.shape == (2,)
 

@@ -1,6 +1,6 @@
 """The four suites. Each returns rows (one per policy and setting) for ``results.json``.
 
-- ``latency``: per-control-step latency at batch 1 through ``SCDPolicy.step()``, replanning at every tick
+- ``latency``: per-control-step latency at batch 1 through ``PolicyRuntime.step()``, replanning at every tick
   (every tick pays the K denoiser calls), over K and history length; plus the open-loop mode's mean
   per-step cost (a replan every ``open_loop_steps`` ticks).
 - ``throughput``: the same at ``throughput_batch`` parallel streams (actions per second).
@@ -35,7 +35,7 @@ from scd_policy.bench.setup import (
     training_batch,
 )
 from scd_policy.policies import Policy
-from scd_policy.runtime import SCDPolicy
+from scd_policy.runtime import PolicyRuntime
 
 log = logging.getLogger("scd_policy.bench")
 
@@ -86,8 +86,8 @@ class Bench:
     def _observation(self, num_envs: int) -> dict[str, Any]:
         return random_observation(self.rng, num_envs, self.cfg.state_dim, self.cfg.images)
 
-    def _primed(self, name: str, history: int, num_envs: int, replan_every_step: bool) -> SCDPolicy:
-        runtime = SCDPolicy(
+    def _primed(self, name: str, history: int, num_envs: int, replan_every_step: bool) -> PolicyRuntime:
+        runtime = PolicyRuntime(
             self.policies[name],
             context_window=context_window_for(history),
             num_envs=num_envs,
@@ -142,7 +142,7 @@ class Bench:
                 )
         return rows
 
-    def _ticker(self, runtime: SCDPolicy, k: int, num_envs: int, mode: str) -> Callable[[], float | None]:
+    def _ticker(self, runtime: PolicyRuntime, k: int, num_envs: int, mode: str) -> Callable[[], float | None]:
         """One measurement: a tick (replan every step), or the mean ms per tick over one open-loop
         cycle of ``open_loop_steps`` ticks (exactly one replan in it)."""
         ticks = 1 if mode == "replan_every_step" else self.cfg.open_loop_steps

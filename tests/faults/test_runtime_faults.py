@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scd_policy.policies import load_policy
-from scd_policy.runtime import ObservationError, PolicyOutputError, SCDPolicy
+from scd_policy.runtime import ObservationError, PolicyOutputError, PolicyRuntime
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +25,9 @@ def _observations(run_dir: Path) -> list[np.ndarray]:
     return [rng.uniform(-0.2, 0.2, size=dim).astype(np.float32) for _ in range(STEPS)]
 
 
-def _runtime(run_dir: Path) -> SCDPolicy:
+def _runtime(run_dir: Path) -> PolicyRuntime:
     policy = load_policy(run_dir / "checkpoints" / "step_00000004" / "policy")
-    return SCDPolicy(policy, seed=0)
+    return PolicyRuntime(policy, seed=0)
 
 
 @pytest.mark.parametrize(

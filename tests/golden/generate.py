@@ -76,9 +76,9 @@ def observations(steps: int, streams: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rollout(policy: Any, streams: int) -> np.ndarray:
-    from scd_policy.runtime import SCDPolicy
+    from scd_policy.runtime import PolicyRuntime
 
-    runtime = SCDPolicy(policy, num_envs=streams, seed=0)
+    runtime = PolicyRuntime(policy, num_envs=streams, seed=0)
     state, image = observations(ROLLOUT_STEPS, streams)
     actions = []
     for tick in range(ROLLOUT_STEPS):

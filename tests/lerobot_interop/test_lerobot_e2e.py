@@ -20,7 +20,7 @@ pytestmark = pytest.mark.lerobot
 
 def test_lerobot_dataset_to_trained_scd_policy(lerobot_video: Path, tmp_path: Path) -> None:
     from envs.registry import make_env
-    from scd_policy.runtime import SCDPolicy as Runtime
+    from scd_policy.runtime import PolicyRuntime as Runtime
     from scd_policy.training.trainer import train
 
     buffer_path = tmp_path / "from_lerobot.zarr"

@@ -91,7 +91,7 @@ def test_lerobot_checkpoint_runs_in_scd_runtime(
     trained: tuple[Path, str], demos: list[dict[str, np.ndarray]]
 ) -> None:
     from envs.registry import make_env
-    from scd_policy.runtime import SCDPolicy as Runtime
+    from scd_policy.runtime import PolicyRuntime as Runtime
 
     checkpoint, _ = trained
     runtime = Runtime.from_pretrained(checkpoint / SCD_SUBFOLDER, num_inference_steps=3)

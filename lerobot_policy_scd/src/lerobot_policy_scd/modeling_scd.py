@@ -12,7 +12,7 @@ and translates at the boundary only:
 
 Checkpoints: next to LeRobot's ``config.json`` + ``model.safetensors`` the wrapper writes the model in
 scd-policy's own format to ``<checkpoint>/scd_policy/``, which ``scd_policy.policies.load_policy`` and
-``scd_policy.runtime.SCDPolicy.from_pretrained`` read without LeRobot installed.
+``scd_policy.runtime.PolicyRuntime.from_pretrained`` read without LeRobot installed.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lerobot_policy_scd.configuration_scd import SCDConfig, policy_key_map
 from scd_policy.conventions import ACTION_KEY
 from scd_policy.models.normalizer import Normalizer, affine_from_stats
 from scd_policy.policies import Policy, make_policy
-from scd_policy.runtime import SCDPolicy as StreamingRuntime
+from scd_policy.runtime import PolicyRuntime
 
 SCD_SUBFOLDER = "scd_policy"  # scd-policy's own checkpoint format inside a LeRobot checkpoint
 
@@ -109,7 +109,7 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
         sources = {ours: theirs for theirs, ours in self.key_map.items()} | {ACTION_KEY: ACTION}
         normalizer = normalizer_from_stats(shapes, modes, dataset_stats, sources)
         self.model: Policy = make_policy(config.to_policy_config(input_shapes, action_dim), normalizer)
-        self._runtime: StreamingRuntime | None = None
+        self._runtime: PolicyRuntime | None = None
 
     # ------------------------------------------------------------------ LeRobot's interface
 
@@ -169,7 +169,7 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
         obs = self._observations(batch)
         n_envs = int(next(iter(obs.values())).shape[0])
         if self._runtime is None or self._runtime.num_envs != n_envs:
-            self._runtime = StreamingRuntime(
+            self._runtime = PolicyRuntime(
                 self.model,
                 num_envs=n_envs,
                 n_action_steps=self.config.n_action_steps,
