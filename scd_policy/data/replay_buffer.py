@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numcodecs
 import numpy as np
 import numpy.typing as npt
 import zarr
@@ -83,7 +84,7 @@ class ChunkProblem:
 
     array: str  # "data/<key>" or "meta/episode_ends"
     file: Path  # the chunk file on disk
-    kind: str  # "missing", "absent", "checksum mismatch" or "truncated or undecodable"
+    kind: str  # "missing", "absent", "checksum mismatch", "truncated" or "undecodable"
     detail: str = ""
     # False only for "absent" in old formats, where zarr skips writing all-zero chunks.
     fatal: bool = True
@@ -100,7 +101,8 @@ class ChunkProblem:
                 "fails its CRC-32C checksum: its bytes changed after it was written (bit rot, truncation "
                 "or an incomplete copy)"
             ),
-            "truncated or undecodable": "is truncated or undecodable: the decompressor rejects it",
+            "truncated": "is truncated (cut short, e.g. by an interrupted copy or a full disk)",
+            "undecodable": "is undecodable: the decompressor rejects it",
         }.get(self.kind, self.kind)
         text = f"{self.array}: chunk file {self.file} {what}"
         return f"{text} ({self.detail})" if self.detail else text
@@ -370,11 +372,30 @@ class ReplayBuffer:
                 return ChunkProblem(array.path, file, "missing")
             return ChunkProblem(array.path, file, "absent", fatal=False)
         except OSError as exc:
-            return ChunkProblem(array.path, file, "truncated or undecodable", f"cannot stat it: {exc}")
+            return ChunkProblem(array.path, file, "undecodable", f"cannot stat it: {exc}")
         if size == 0:
             # No codec ever writes an empty chunk (blosc has a header, crc32c 4 bytes).
-            return ChunkProblem(array.path, file, "truncated or undecodable", "the file is empty")
+            return ChunkProblem(array.path, file, "truncated", "the file is empty")
         return None
+
+    @staticmethod
+    def _expected_size(array: zarr.Array[Any], file: Path) -> tuple[int, int] | None:
+        """(size on disk, size its blosc header promises) for a blosc-compressed chunk; else None.
+
+        A blosc frame records its compressed length in bytes 12..15 of its 16-byte header, so a cut-off
+        file can be told apart from one whose bytes changed, which a checksum alone cannot do.
+        """
+        compressors = array.compressors
+        if not compressors or not isinstance(compressors[0], BloscCodec | numcodecs.Blosc):
+            return None
+        # Trailing checksums after blosc (ours: exactly one crc32c) add 4 bytes each.
+        trailer = 4 * sum(isinstance(codec, Crc32cCodec) for codec in compressors[1:])
+        with open(file, "rb") as handle:
+            header = handle.read(16)
+        size = os.stat(file).st_size
+        if len(header) < 16:
+            return size, 16 + trailer  # not even a whole header: the least a chunk can be
+        return size, int.from_bytes(header[12:16], "little") + trailer
 
     def _scan_files(
         self,
@@ -424,12 +445,22 @@ class ReplayBuffer:
         problem = self._file_problem(array, coords, self._checksummed or array is self._ends_array)
         if problem is not None:
             return problem
+        file = self._chunk_file(array, coords)
+        try:
+            sizes = self._expected_size(array, file)
+        except OSError as exc:
+            return ChunkProblem(array.path, file, "undecodable", f"cannot read it: {exc}")
+        if sizes is not None and sizes[0] < sizes[1]:
+            detail = f"{sizes[0]} bytes on disk, its blosc header says {sizes[1]}"
+            return ChunkProblem(array.path, file, "truncated", detail)
         try:
             array.get_block_selection(coords)
         except Exception as exc:  # blosc, the checksum codec and zarr raise many types; classify them
             text = f"{type(exc).__name__}: {exc}"
-            kind = "checksum mismatch" if "checksum" in text.lower() else "truncated or undecodable"
-            return ChunkProblem(array.path, self._chunk_file(array, coords), kind, text[:200])
+            if "checksum" in text.lower():
+                # The codec's message is two raw CRC values: no help to anyone reading the report.
+                return ChunkProblem(array.path, file, "checksum mismatch")
+            return ChunkProblem(array.path, file, "undecodable", text[:200])
         return None
 
     def _guarded_read(self, array: zarr.Array[Any], start: int, stop: int, read: Callable[[], _T]) -> _T:
