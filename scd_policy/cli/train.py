@@ -9,7 +9,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from scd_policy.cli.common import setup_logging, to_object
+from scd_policy.cli.common import plain_message, setup_logging, to_object
 from scd_policy.config import ExperimentConfig, config_dir, register_configs
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 from scd_policy.policies import Policy
@@ -127,7 +127,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         final = run_training(experiment)
     except DatasetError as error:
-        raise SystemExit(f"dataset error: {error}") from None
+        raise SystemExit(f"dataset error: {plain_message(error)}") from None
     log.info("done: %s", final)
 
 

@@ -20,7 +20,8 @@ exists and is not empty (one ``stat`` per chunk); ``verify`` reads and decodes e
 included); any read that fails names the array, the chunk file and the dataset (``DatasetError``).
 Older buffers (scd version 1, zarr format 2 from Diffusion Policy) stay readable: they have no
 checksums, and zarr may have skipped their all-zero chunks, so an absent chunk file there is only a
-``DatasetWarning`` (it reads as 0), while an empty or undecodable one is still an error.
+``DatasetWarning`` (it reads as 0), while an empty or truncated one (shorter than its blosc header
+says; checked on open and before each read) or an undecodable one is still an error.
 """
 
 from __future__ import annotations
@@ -362,8 +363,10 @@ class ReplayBuffer:
         return range(start // chunk, (stop - 1) // chunk + 1) if stop > start else range(0)
 
     def _file_problem(
-        self, array: zarr.Array[Any], coords: tuple[int, ...], absent_is_fatal: bool
+        self, array: zarr.Array[Any], coords: tuple[int, ...], absent_is_fatal: bool, check_header: bool
     ) -> ChunkProblem | None:
+        """What the file system says about one chunk file: absent, empty or (with ``check_header``)
+        shorter than its blosc header says; None when it looks whole."""
         file = self._chunk_file(array, coords)
         try:
             size = os.stat(file).st_size
@@ -376,11 +379,19 @@ class ReplayBuffer:
         if size == 0:
             # No codec ever writes an empty chunk (blosc has a header, crc32c 4 bytes).
             return ChunkProblem(array.path, file, "truncated", "the file is empty")
+        if check_header:
+            try:
+                expected = self._blosc_length(array, file)
+            except OSError as exc:
+                return ChunkProblem(array.path, file, "undecodable", f"cannot read it: {exc}")
+            if expected is not None and size < expected:
+                detail = f"{size} bytes on disk, its blosc header says {expected}"
+                return ChunkProblem(array.path, file, "truncated", detail)
         return None
 
     @staticmethod
-    def _expected_size(array: zarr.Array[Any], file: Path) -> tuple[int, int] | None:
-        """(size on disk, size its blosc header promises) for a blosc-compressed chunk; else None.
+    def _blosc_length(array: zarr.Array[Any], file: Path) -> int | None:
+        """The file size a blosc-compressed chunk's header promises; None for other compressors.
 
         A blosc frame records its compressed length in bytes 12..15 of its 16-byte header, so a cut-off
         file can be told apart from one whose bytes changed, which a checksum alone cannot do.
@@ -392,10 +403,9 @@ class ReplayBuffer:
         trailer = 4 * sum(isinstance(codec, Crc32cCodec) for codec in compressors[1:])
         with open(file, "rb") as handle:
             header = handle.read(16)
-        size = os.stat(file).st_size
         if len(header) < 16:
-            return size, 16 + trailer  # not even a whole header: the least a chunk can be
-        return size, int.from_bytes(header[12:16], "little") + trailer
+            return 16 + trailer  # not even a whole header: the least a chunk can be
+        return int.from_bytes(header[12:16], "little") + trailer
 
     def _scan_files(
         self,
@@ -405,9 +415,12 @@ class ReplayBuffer:
         absent_is_fatal: bool | None = None,
     ) -> list[ChunkProblem]:
         fatal = self._checksummed if absent_is_fatal is None else absent_is_fatal
-        problems = (
-            self._file_problem(array, coords, fatal) for coords in self._grid(array, rows, time_blocks)
-        )
+        # Without a checksum a cut-off chunk is not safe to hand to blosc: blosc trusts the length in
+        # its header and reads past the end of the buffer, so the chunk may decode into garbage instead
+        # of failing. For those buffers the header is checked too (one 16-byte read per chunk).
+        header = not self._checksummed
+        grid = self._grid(array, rows, time_blocks)
+        problems = (self._file_problem(array, coords, fatal, header) for coords in grid)
         return [problem for problem in problems if problem is not None]
 
     def _report(self, problems: list[ChunkProblem]) -> str:
@@ -425,7 +438,8 @@ class ReplayBuffer:
             raise DatasetError(self._report(fatal))
 
     def _check_chunk_files(self) -> None:
-        """On open: every chunk file of the data arrays over the committed steps exists and is not empty."""
+        """On open: every chunk file of the data arrays over the committed steps exists, is not empty and,
+        in a buffer without checksums, is as long as its blosc header says."""
         for array in self._arrays.values():
             problems = self._scan_files(array, self.n_steps)
             self._raise_on(problems)
@@ -442,17 +456,11 @@ class ReplayBuffer:
 
     def _decode_problem(self, array: zarr.Array[Any], coords: tuple[int, ...]) -> ChunkProblem | None:
         """Read one chunk on its own: what, if anything, is wrong with it."""
-        problem = self._file_problem(array, coords, self._checksummed or array is self._ends_array)
+        fatal = self._checksummed or array is self._ends_array
+        problem = self._file_problem(array, coords, fatal, check_header=True)
         if problem is not None:
             return problem
         file = self._chunk_file(array, coords)
-        try:
-            sizes = self._expected_size(array, file)
-        except OSError as exc:
-            return ChunkProblem(array.path, file, "undecodable", f"cannot read it: {exc}")
-        if sizes is not None and sizes[0] < sizes[1]:
-            detail = f"{sizes[0]} bytes on disk, its blosc header says {sizes[1]}"
-            return ChunkProblem(array.path, file, "truncated", detail)
         try:
             array.get_block_selection(coords)
         except Exception as exc:  # blosc, the checksum codec and zarr raise many types; classify them
@@ -474,10 +482,10 @@ class ReplayBuffer:
     ) -> _T:
         """Run ``read``, which touches these time blocks of ``array`` (rows below ``stop``)."""
         blocks = list(blocks)
-        if self._checksummed:
-            # A file deleted after opening would read as zeros without a word: a stat per touched chunk
-            # is cheap next to decompressing it.
-            self._raise_on(self._scan_files(array, stop, blocks))
+        # Before reading: a file deleted after opening would read as zeros without a word, and an
+        # unchecksummed cut-off one may decode into garbage (see _scan_files). A stat (and, without
+        # checksums, a 16-byte header read) per touched chunk is cheap next to decompressing it.
+        self._raise_on(self._scan_files(array, stop, blocks))
         try:
             return read()
         except Exception as exc:  # zarr/blosc name neither the file nor the dataset: find the culprit

@@ -18,8 +18,10 @@ import numcodecs
 import numpy as np
 import pytest
 import zarr
+from torch.utils.data import DataLoader
 from zarr.codecs import BloscCodec
 
+from scd_policy.cli.common import plain_message
 from scd_policy.config import DataConfig, PolicyConfig
 from scd_policy.data.dataset import WindowedDataset, make_datasets
 from scd_policy.data.replay_buffer import DatasetError, DatasetWarning, ReplayBuffer
@@ -110,6 +112,39 @@ def test_missing_chunk_stops_training_before_it_starts(buffer_path: Path) -> Non
     data = DataConfig(path=str(buffer_path), obs_keys=["state", "image"], val_ratio=0.25)
     with pytest.raises(DatasetError, match=rf"data/action: chunk file {named(file)} is missing"):
         make_datasets(data, _policy())
+
+
+def test_damaged_image_chunk_read_in_a_dataloader_worker_is_a_plain_dataset_error(buffer_path: Path) -> None:
+    file = chunk_file(buffer_path, "data/image", (0, 0, 0, 0))
+    flip_bit(file)
+    dataset = WindowedDataset(ReplayBuffer.open(buffer_path), [0], ["state", "image"], [0], [0])
+    with pytest.raises(DatasetError) as error:
+        next(iter(DataLoader(dataset, batch_size=2, num_workers=1)))
+    # torch puts the worker's traceback into the message; scd-train prints only what the worker said.
+    message = plain_message(error.value)
+    assert message.startswith(f"dataset {buffer_path}: data/image: chunk file {file} fails its CRC-32C")
+    assert "Traceback" not in message
+
+
+def test_scd_train_on_a_damaged_buffer_exits_with_the_message(buffer_path: Path, tmp_path: Path) -> None:
+    file = chunk_file(buffer_path, "data/state", (0, 0))
+    file.unlink()
+    script = Path(sys.executable).with_name("scd-train")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "scd_policy.cli.train"]
+    result = subprocess.run(
+        [
+            *command,
+            f"dataset={buffer_path}",
+            f"out={tmp_path / 'run'}",
+            "data.obs_keys=[state]",
+            "train.steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"dataset error: dataset {buffer_path}: data/state: chunk file {file} is missing" in result.stderr
 
 
 def test_several_missing_chunks_are_listed_together(buffer_path: Path) -> None:
@@ -257,9 +292,13 @@ def test_version_1_buffer_still_reports_a_truncated_chunk(tmp_path: Path) -> Non
     _write_old_scd_buffer(path)
     file = chunk_file(path, "data/state", (0, 0))
     truncate(file)
-    with pytest.warns(DatasetWarning):
-        buffer = ReplayBuffer.open(path)
-    with pytest.raises(DatasetError, match=rf"data/state: chunk file {named(file)} is truncated"):
+    truncated = rf"data/state: chunk file {named(file)} is truncated"
+    # Without a checksum, the blosc header's length is what tells a cut-off file: checked on open...
+    with pytest.warns(DatasetWarning), pytest.raises(DatasetError, match=truncated):
+        ReplayBuffer.open(path)
+    # ... and before every read (blosc itself may decode a cut-off buffer into garbage).
+    buffer = ReplayBuffer.open(path, check_chunks=False)
+    with pytest.raises(DatasetError, match=truncated):
         buffer.load("state")
 
 
@@ -309,13 +348,17 @@ def test_zarr_format_2_buffer_reports_missing_and_truncated_chunks(tmp_path: Pat
     absent.unlink()
     cut = path / "data" / "img" / "0.0.0.0"
     truncate(cut)
-    # zarr format 2 writers may skip all-zero chunks: an absent one is a warning, it reads as 0.
-    with pytest.warns(
-        DatasetWarning, match=rf"data/action: 1 chunk file\(s\) absent \(first: {named(absent)}\)"
-    ):
-        buffer = ReplayBuffer.open(path)
-    with pytest.raises(DatasetError, match=rf"data/img: chunk file {named(cut)} is truncated"):
-        buffer.get_steps("img", [1])
+    # zarr format 2 writers may skip all-zero chunks: an absent one is a warning, it reads as 0; a
+    # truncated one is an error, on open and before each read.
+    warned = rf"data/action: 1 chunk file\(s\) absent \(first: {named(absent)}\)"
+    truncated = rf"data/img: chunk file {named(cut)} is truncated"
+    with pytest.warns(DatasetWarning, match=warned), pytest.raises(DatasetError, match=truncated):
+        ReplayBuffer.open(path)
+    buffer = ReplayBuffer.open(path, check_chunks=False)
+    np.testing.assert_array_equal(buffer.get_steps("action", [4, 7]), 0)  # chunk 1.0: steps 4..7
+    for indices in ([1], [0, 9]):  # the contiguous read and the scattered gather
+        with pytest.raises(DatasetError, match=truncated):
+            buffer.get_steps("img", indices)
     kinds = {(problem.file, problem.kind) for problem in buffer.verify()}
     assert kinds == {(absent, "absent"), (cut, "truncated")}
 
