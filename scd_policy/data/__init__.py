@@ -10,11 +10,19 @@ from scd_policy.data.dataset import (
     split_episodes,
 )
 from scd_policy.data.normalizer import MODES, Normalizer, fit_normalizer
-from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer, is_image_shape
+from scd_policy.data.replay_buffer import (
+    ChunkProblem,
+    DatasetError,
+    DatasetWarning,
+    ReplayBuffer,
+    is_image_shape,
+)
 
 __all__ = [
     "MODES",
+    "ChunkProblem",
     "DatasetError",
+    "DatasetWarning",
     "Normalizer",
     "ReplayBuffer",
     "WindowedDataset",

@@ -421,4 +421,6 @@ def test_scd_data_check_not_a_buffer_and_help(tmp_path: Path) -> None:
     assert "no replay buffer at" in result.stderr and "does not exist" in result.stderr
     helped = _scd_data("check", "--help")
     assert helped.returncode == 0 and "usage: scd-data check" in helped.stdout and "--strict" in helped.stdout
+    top = _scd_data("--help")
+    assert top.returncode == 0 and "check" in top.stdout
     assert _scd_data().returncode == 2  # no command: a usage error
