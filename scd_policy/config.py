@@ -86,19 +86,15 @@ class PolicyConfig:
     n_action_steps: int = 8  # actions executed open-loop from each chunk
     n_obs_steps: int = 2  # diffusion_policy: observation window; causal policies ignore it
     # W: steps per training trajectory window (causal policies), and by default the run-time history.
-    # Short by default, like diffusion_policy's n_obs_steps: on fully observed tasks a longer history
-    # costs success at a fixed budget (mw_push, SCD tiny, 4.5k steps: W = 2 / 4 / 8 / 16 -> 100 / 99 /
-    # 96 / 88%; reach_around W = 2 / 16 -> 23 / 8%: docs/RESULTS.md). Widen it for tasks that need memory
-    # (memory_cue: 32).
+    # Short by default, like diffusion_policy's n_obs_steps (why: docs/RESULTS.md, "history window");
+    # a task that needs memory declares it (TaskSpec.history_steps) and gets a longer one.
     train_window: int = 2
     # Steps kept in the run-time KV cache before the oldest is evicted; 0: train_window. Longer than
-    # train_window means attending further back than training ever did: on mw_button_press_topdown a
-    # policy trained with W = 16 succeeded 23% of the time with a 64-step window, 51% with 16.
+    # train_window means attending further back than training ever did (a warning says so).
     context_window: int = 0
 
     # Network width and depth. SCD: encoder_layers run once per step, decoder_layers K times, so the
-    # decoder's depth sets SCD's speed-up over the baselines (7 + 1 vs 8 layers: 4.8x at K = 10, 9.8x at
-    # K = 100; 6 + 2 vs 8: 3.3x and 4.4x; docs/RESULTS.md).
+    # decoder's depth sets SCD's speed-up over the baselines (measured: docs/RESULTS.md, "Headline").
     # causal_diffusion / diffusion_policy: one stack of encoder_layers + decoder_layers layers.
     d_model: int = 256
     n_heads: int = 4
@@ -115,9 +111,8 @@ class PolicyConfig:
     context_noise: float = 0.05  # std of Gaussian noise added to c_t in training
     history_noise: float = 0.0  # std of noise added to normalised history inputs in training
     # Causal policies, training only: probability of hiding a step's previous action (the "no previous
-    # action" token of an episode start), against copying the last action instead of reading the scene.
-    # mw_button_press_topdown (SCD, tiny, 1.5k steps): 50.7% at 0, 68.0% at 0.5, 58.0% at 0.9; memory_cue
-    # stays at 100% with 0.5 (docs/RESULTS.md).
+    # action" token of an episode start), against copying the last action instead of reading the scene
+    # (the evidence for the default: docs/RESULTS.md).
     prev_action_dropout: float = 0.5
     decoder_lr_scale: float = 2.0  # decoder lr = scale * encoder lr
 

@@ -26,7 +26,7 @@ from scd_policy.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# DESIGN.md §5: Meta-World tasks, our multimodal, memory and PushT-style tasks.
+# The evaluation protocol's table: Meta-World tasks, our multimodal, memory and PushT-style tasks.
 DEFAULT_TASKS = (
     "memory_cue",
     "reach_around",

@@ -12,7 +12,7 @@ import numcodecs
 import numpy as np
 import pytest
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer, time_chunk_for
 
@@ -75,8 +75,11 @@ def test_image_chunks_hold_a_few_frames_and_are_compressed(tmp_path: Path) -> No
     image = zarr.open_group(tmp_path / "b.zarr", mode="r")["data/image"]
     assert isinstance(image, zarr.Array)
     assert image.chunks == (4, 96, 96, 3)
-    (codec,) = image.compressors
+    codec, checksum = image.compressors
     assert isinstance(codec, BloscCodec) and codec.cname.value == "zstd"
+    assert isinstance(checksum, Crc32cCodec)  # last, over the compressed bytes
+    # All-zero chunks are written too, so that an absent chunk file can only mean damage.
+    assert sorted(p.name for p in (tmp_path / "b.zarr" / "data" / "image" / "c").iterdir()) == ["0", "1"]
 
 
 def test_get_steps_gathers_any_order_with_repeats(make_buffer: BufferFactory) -> None:

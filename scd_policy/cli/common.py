@@ -29,6 +29,20 @@ def setup_logging() -> None:
     )
 
 
+def plain_message(error: BaseException) -> str:
+    """The error's own message, without the worker traceback torch's DataLoader puts into it.
+
+    An exception in a DataLoader worker is re-raised in the trainer as the same type, but with
+    "Caught X in DataLoader worker process N. Original Traceback ..." as its text; the message the
+    worker raised is the traceback's last entry.
+    """
+    text = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def to_object(cfg: DictConfig, schema: type[T]) -> T:
     """Resolve and validate a composed config; a bad value exits with a one-line explanation."""
     try:
@@ -56,7 +70,7 @@ def user_errors(command: str) -> Iterator[None]:
     except user_error_types() as error:
         if debug_requested():
             raise
-        raise SystemExit(f"{command}: error: {error}") from None
+        raise SystemExit(f"{command}: error: {plain_message(error)}") from None
     except OSError as error:
         message = describe_os_error(error)
         if debug_requested() or message is None:

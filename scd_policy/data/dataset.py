@@ -152,10 +152,23 @@ class WindowedDataset(Dataset[dict[str, torch.Tensor]]):
 def make_datasets(
     data_cfg: DataConfig, policy_cfg: PolicyConfig
 ) -> tuple[WindowedDataset, WindowedDataset, ReplayBuffer]:
-    """Open ``data_cfg.path`` read-only, split its episodes and build the train and val datasets."""
+    """Open ``data_cfg.path`` read-only, split its episodes and build the train and val datasets.
+
+    Damage surfaces here, as ``DatasetError``, before any training step: opening checks that every
+    chunk file exists, and building the datasets reads (and so checksums) the low-dimensional arrays
+    whole. Image chunks are read per window, so a corrupt one is reported when a batch reaches it;
+    ``scd-data check`` finds those up front.
+    """
     if not data_cfg.path:
         raise DatasetError("data.path is empty; set it to a replay buffer directory (.zarr)")
     buffer = ReplayBuffer.open(data_cfg.path, mode="r")
+    if buffer.n_episodes == 0:
+        # Checked before the keys: an empty buffer has no arrays yet, and "holds only []" would
+        # send the user looking at data.obs_keys instead of at the recording.
+        raise DatasetError(
+            f"{buffer.path} holds no episodes (0 steps), so there is nothing to train on; record "
+            "episodes into it first (e.g. with scd-collect) or point data.path at another buffer"
+        )
     require_keys(buffer, [*data_cfg.obs_keys, data_cfg.action_key], "data.obs_keys/data.action_key")
     train_ids, val_ids = split_episodes(
         buffer.n_episodes, data_cfg.val_ratio, data_cfg.split_seed, data_cfg.max_train_episodes

@@ -1,17 +1,21 @@
 """``SCDConfig``: scd-policy's PolicyConfig as a LeRobot policy config (``--policy.type=scd``).
 
-The fields mirror ``scd_policy.config.PolicyConfig`` (same names, same defaults, same validation: a
-value PolicyConfig rejects is rejected here when the config is built) plus the optimiser preset that
-LeRobot's trainer reads. ``architecture`` picks the network: ``scd`` (default) or one of the two
-baselines, ``causal_diffusion`` and ``diffusion_policy``. Input shapes and the action size are not
-fields: they come from the dataset's features, as for every LeRobot policy.
+The fields are ``scd_policy.config.PolicyConfig``'s, derived from it (``PolicyFields``: same names,
+types and defaults, so a field added there appears here; same validation: a value PolicyConfig rejects
+is rejected when this config is built), plus the optimiser preset that LeRobot's trainer reads.
+``architecture`` picks the network: ``scd`` (default) or one of the two baselines, ``causal_diffusion``
+and ``diffusion_policy``. Input shapes and the action size are not fields: they come from the
+dataset's features, as for every LeRobot policy.
 
 Time offsets are PolicyConfig's, so one source of truth decides what LeRobot's dataset loads
 (``observation_delta_indices`` / ``action_delta_indices``) and what our own trainer loads.
 """
 
 # No `from __future__ import annotations`: draccus reads these annotations at run time.
-from dataclasses import dataclass, field
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
 
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType
@@ -22,6 +26,28 @@ from lerobot.utils.constants import ACTION, OBS_STATE
 from scd_policy.config import ConfigError, DiffusionConfig, PolicyConfig
 
 OBSERVATION_TYPES = (FeatureType.STATE, FeatureType.ENV, FeatureType.VISUAL)
+# PolicyConfig fields that are not options here: the architecture has its own name, and the shapes come
+# from the dataset's features, as for every LeRobot policy.
+NOT_OPTIONS = ("type", "input_shapes", "action_dim")
+
+
+def _policy_fields() -> type:
+    """A dataclass with every PolicyConfig option (resolved types, the same defaults)."""
+    hints = typing.get_type_hints(PolicyConfig)
+    specs: list[tuple[str, Any, Any]] = []
+    for spec in dataclasses.fields(PolicyConfig):
+        if spec.name in NOT_OPTIONS:
+            continue
+        if spec.default_factory is not dataclasses.MISSING:
+            default = dataclasses.field(default_factory=spec.default_factory)
+        else:
+            default = dataclasses.field(default=spec.default)
+        specs.append((spec.name, hints[spec.name], default))
+    return dataclasses.make_dataclass("PolicyFields", specs)
+
+
+PolicyFields = _policy_fields()
+POLICY_OPTIONS = tuple(spec.name for spec in dataclasses.fields(PolicyFields))
 NORMALIZATION_MODES = ("min_max", "mean_std")
 CAMERA_PREFIX = "observation.images."
 
@@ -61,34 +87,12 @@ def policy_key_map(config: "SCDConfig") -> dict[str, str]:
 
 @PreTrainedConfig.register_subclass("scd")
 @dataclass
-class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no type information
+class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type]  # lerobot ships no types
+    """PolicyConfig's options (``PolicyFields``: horizon, windows, network, SCD recipe, diffusion) plus
+    the ones below, for LeRobot's CLIs and trainer. ``PolicyFields`` comes first among the bases so that
+    its fields win where PreTrainedConfig has one of the same name (``n_obs_steps``)."""
+
     architecture: str = "scd"  # "scd", "causal_diffusion" or "diffusion_policy"
-
-    # Time layout (see PolicyConfig): chunk length, open-loop steps, windows.
-    horizon: int = 16
-    n_action_steps: int = 8
-    n_obs_steps: int = 2  # diffusion_policy only; the causal architectures read their whole history
-    train_window: int = 2  # PolicyConfig's default: widen it (e.g. 32) for tasks that need memory
-    context_window: int = 0  # 0: train_window (a longer run-time window attends further back than training)
-
-    # Network (PolicyConfig's defaults).
-    d_model: int = 256
-    n_heads: int = 4
-    encoder_layers: int = 7
-    decoder_layers: int = 1
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    n_context_tokens: int = 4
-    image_tokens: int = 4
-    image_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-
-    # SCD training recipe.
-    decoder_repeats: int = 2
-    context_noise: float = 0.05
-    history_noise: float = 0.0
-    prev_action_dropout: float = 0.5
-    decoder_lr_scale: float = 2.0
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     # Inputs: which cameras to use (None: every camera of the dataset), how vectors are normalised
     # (statistics from the LeRobot dataset, stored inside the policy's weights).
@@ -121,31 +125,13 @@ class SCDConfig(PreTrainedConfig):  # type: ignore[misc]  # lerobot ships no typ
         self, input_shapes: dict[str, list[int]] | None = None, action_dim: int = 0
     ) -> PolicyConfig:
         """The scd-policy config these fields describe (shapes filled in once the features are known)."""
-        diffusion = self.diffusion
-        if isinstance(diffusion, dict):  # a config read back from JSON by a plain constructor
-            diffusion = DiffusionConfig(**diffusion)
+        options = {name: getattr(self, name) for name in POLICY_OPTIONS}
+        if isinstance(options["diffusion"], dict):  # a config read back from JSON by a plain constructor
+            options["diffusion"] = DiffusionConfig(**options["diffusion"])
+        options["image_channels"] = list(options["image_channels"])
         return PolicyConfig(
             type=self.architecture,
-            horizon=self.horizon,
-            n_action_steps=self.n_action_steps,
-            n_obs_steps=self.n_obs_steps,
-            train_window=self.train_window,
-            context_window=self.context_window,
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            encoder_layers=self.encoder_layers,
-            decoder_layers=self.decoder_layers,
-            mlp_ratio=self.mlp_ratio,
-            dropout=self.dropout,
-            n_context_tokens=self.n_context_tokens,
-            image_tokens=self.image_tokens,
-            image_channels=list(self.image_channels),
-            decoder_repeats=self.decoder_repeats,
-            context_noise=self.context_noise,
-            history_noise=self.history_noise,
-            prev_action_dropout=self.prev_action_dropout,
-            decoder_lr_scale=self.decoder_lr_scale,
-            diffusion=diffusion,
+            **options,
             input_shapes=dict(input_shapes or {}),
             action_dim=action_dim,
         )
