@@ -8,6 +8,7 @@ and fast headless rendering.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,15 +21,19 @@ from envs.rendering import FastRenderer
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
-    """A gymnasium env around one MJCF model; subclasses implement the task hooks."""
+class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray], ABC):
+    """A gymnasium env around one MJCF model; subclasses implement the task hooks.
+
+    ``fps`` (control steps per second) is the task's one statement of its control rate: the physics
+    steps per control step follow from it and the MJCF timestep, and its TaskSpec reads it.
+    """
 
     metadata: dict[str, Any] = {"render_modes": ["rgb_array"], "render_fps": 10}  # noqa: RUF012
 
     xml_file: ClassVar[str] = ""  # file name under envs/assets/
     state_dim: ClassVar[int] = 0
     action_dim: ClassVar[int] = 0
-    frame_skip: ClassVar[int] = 10  # physics steps per control step
+    fps: ClassVar[float] = 10.0  # control steps per second
     default_camera: ClassVar[str] = "top"
 
     def __init__(
@@ -41,7 +46,14 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
     ) -> None:
         self.model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml_file))
         self.data = mujoco.MjData(self.model)
-        self.metadata = {**self.metadata, "render_fps": round(1.0 / self.control_dt)}
+        skip = 1.0 / (self.fps * float(self.model.opt.timestep))
+        if abs(skip - round(skip)) > 1e-6 or round(skip) < 1:
+            raise ValueError(
+                f"{type(self).__name__}: fps={self.fps} is not a whole number of {self.xml_file}'s "
+                f"{self.model.opt.timestep} s physics steps"
+            )
+        self.frame_skip = round(skip)  # physics steps per control step
+        self.metadata = {**self.metadata, "render_fps": self.fps}
         self.use_image = image
         self.camera = camera or self.default_camera
         self.image_size = image_size
@@ -60,23 +72,25 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self._steps = 0
 
     # ---- task hooks -------------------------------------------------------------------------
+    @abstractmethod
     def initialize_episode(self, rng: np.random.Generator) -> None:
         """Set the initial physics state (qpos/qvel/mocap/geom colours) and any task variables."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply_action(self, action: np.ndarray) -> None:
         """Write one control step's action (in [-1, 1]) into ``self.data.ctrl`` / mocap targets."""
-        raise NotImplementedError
 
+    @abstractmethod
     def get_state(self) -> np.ndarray:
         """The ``state`` observation (float32, shape (state_dim,))."""
-        raise NotImplementedError
 
+    @abstractmethod
     def get_reward(self) -> float:
-        raise NotImplementedError
+        """This control step's reward."""
 
+    @abstractmethod
     def is_success(self) -> bool:
-        raise NotImplementedError
+        """Whether the task is solved now (success also ends the episode)."""
 
     def after_step(self) -> None:
         """Update task variables once the physics has advanced (before observation, reward and info)."""

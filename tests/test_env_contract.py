@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from envs.base import MujocoTaskEnv
 from envs.registry import get_task, make_env, make_expert, task_names
 
 TASKS = task_names()
@@ -56,7 +57,9 @@ def test_spec_matches_env(task: str) -> None:
         assert env.action_space.shape == (spec.action_dim,)
         assert np.all(env.action_space.low == -1.0) and np.all(env.action_space.high == 1.0)
         assert env.spec is not None and env.spec.max_episode_steps == spec.max_episode_steps
-        assert abs(env.metadata["render_fps"] - spec.fps) <= 0.5
+        assert env.metadata["render_fps"] == spec.fps  # one control rate, stated once
+        if isinstance(env.unwrapped, MujocoTaskEnv):  # our own tasks: the physics runs at that rate
+            assert env.unwrapped.control_dt == pytest.approx(1.0 / spec.fps)
         assert spec.cameras and spec.success and spec.tags
         assert info["steps"] == 0 and info["success"] is False  # experts detect new episodes this way
     finally:

@@ -50,7 +50,6 @@ class MemoryCueEnv(MujocoTaskEnv):
     xml_file: ClassVar[str] = "memory_cue.xml"
     state_dim: ClassVar[int] = 6
     action_dim: ClassVar[int] = 2
-    frame_skip: ClassVar[int] = 20
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -187,7 +186,7 @@ SPEC = TaskSpec(
     expert_entry_point="envs.tasks.memory_cue:make_expert",
     state_dim=MemoryCueEnv.state_dim,
     action_dim=MemoryCueEnv.action_dim,
-    fps=10.0,
+    fps=MemoryCueEnv.fps,
     max_episode_steps=50,
     success="the agent reaches the pad that was lit at the start (reaching the other pad fails)",
     cameras=("top",),

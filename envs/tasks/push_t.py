@@ -189,7 +189,6 @@ class PushTEnv(MujocoTaskEnv):
     xml_file: ClassVar[str] = XML_FILE
     state_dim: ClassVar[int] = 6
     action_dim: ClassVar[int] = 2
-    frame_skip: ClassVar[int] = 10
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -583,7 +582,7 @@ SPEC = TaskSpec(
     expert_entry_point="envs.tasks.push_t:make_expert",
     state_dim=PushTEnv.state_dim,
     action_dim=PushTEnv.action_dim,
-    fps=10,
+    fps=PushTEnv.fps,
     max_episode_steps=MAX_EPISODE_STEPS,
     success="coverage of the goal T >= 95%",
     cameras=("top",),

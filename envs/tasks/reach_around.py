@@ -45,7 +45,6 @@ class ReachAroundEnv(MujocoTaskEnv):
     xml_file: ClassVar[str] = "reach_around.xml"
     state_dim: ClassVar[int] = 6
     action_dim: ClassVar[int] = 2
-    frame_skip: ClassVar[int] = 20
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -197,7 +196,7 @@ SPEC = TaskSpec(
     expert_entry_point="envs.tasks.reach_around:make_expert",
     state_dim=ReachAroundEnv.state_dim,
     action_dim=ReachAroundEnv.action_dim,
-    fps=10.0,
+    fps=ReachAroundEnv.fps,
     max_episode_steps=90,
     success="the puck's centre is within 3 cm of the goal (pushed around the obstacle, either side)",
     cameras=("top",),
