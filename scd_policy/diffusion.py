@@ -1,7 +1,8 @@
 """Diffusion processes and samplers, apart from the networks.
 
-Every network is called through ``denoise_fn(x_t, t) -> prediction`` with ``t`` a float tensor (N,) in
-[0, 1] — the *network time* — so a policy only supplies its network call:
+A network is trained on ``prediction = f(x_t, t)`` with ``t`` a float tensor (N,) in [0, 1] — the
+*network time* — and sampled through one kind of callable: ``prepare(times) -> step(x_t, k)``, built
+once per sampling run for its K network times (``sample``):
 
 - ``process="flow"`` (default): flow matching, ``x_t = (1 - t) x0 + t eps``; the network predicts the
   velocity ``eps - x0``; training times are logit-normal; sampling integrates from t = 1 (noise) to
@@ -158,7 +159,7 @@ def initial_noise(
 
 
 def sample(
-    denoise_fn: DenoiseFn,
+    prepare: PrepareFn,
     shape: Sequence[int],
     config: DiffusionConfig,
     *,
@@ -167,14 +168,15 @@ def sample(
     noise: Tensor | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    prepare: PrepareFn | None = None,
 ) -> Tensor:
     """Draw clean samples of ``shape`` (N, ...) with the configured sampler and K = ``num_steps`` steps.
 
-    ``noise`` (if given) is the starting point x_1 / x_T and must have ``shape``; otherwise it is drawn
-    from ``generator``. The DDPM sampler draws its per-step noise from ``generator`` too. ``prepare``
-    (optional) is called once with ``sampling_times`` as a float32 tensor (K,) on ``device`` and
-    returns the step function used instead of ``denoise_fn`` (same results, less work per call).
+    ``prepare`` is called once with the run's network times (``sampling_times``, a float32 tensor (K,)
+    on ``device``) and returns the step function ``(x_t, k) -> prediction`` of the k-th denoising call:
+    a network computes what depends on t alone once per run there (``per_call`` adapts a plain
+    ``(x_t, t) -> prediction`` function). ``noise`` (if given) is the starting point x_1 / x_T and must
+    have ``shape``; otherwise it is drawn from ``generator``. The DDPM sampler draws its per-step noise
+    from ``generator`` too.
     """
     steps = resolve_num_steps(config, num_steps)
     if noise is None:
@@ -183,29 +185,28 @@ def sample(
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
         x = noise.to(device=device if device is not None else noise.device, dtype=dtype)
-    step_fn: StepFn | None = None
-    if prepare is not None:
-        times = sampling_times(config, steps)
-        step_fn = prepare(torch.tensor(times, dtype=torch.float32, device=x.device))
+    step_fn = prepare(torch.tensor(sampling_times(config, steps), dtype=torch.float32, device=x.device))
     if config.process == "flow":
-        return euler_sample(denoise_fn, x, steps, step_fn=step_fn)
+        return euler_sample(step_fn, x, steps)
     if config.sampler == "ddim":
-        return ddim_sample(denoise_fn, x, config, steps, step_fn=step_fn)
-    return ddpm_sample(denoise_fn, x, config, steps, generator=generator, step_fn=step_fn)
+        return ddim_sample(step_fn, x, config, steps)
+    return ddpm_sample(step_fn, x, config, steps, generator=generator)
 
 
-def euler_sample(
-    denoise_fn: DenoiseFn, x: Tensor, num_steps: int, *, step_fn: StepFn | None = None
-) -> Tensor:
+def per_call(denoise_fn: DenoiseFn) -> PrepareFn:
+    """A ``prepare`` for a network called as ``denoise_fn(x_t, t)`` with t (N,): nothing is precomputed."""
+
+    def prepare(times: Tensor) -> StepFn:
+        return lambda x, k: denoise_fn(x, times[k].expand(x.shape[0]))
+
+    return prepare
+
+
+def euler_sample(step_fn: StepFn, x: Tensor, num_steps: int) -> Tensor:
     """Flow matching: integrate dx/dt = v(x, t) from t = 1 to t = 0 in ``num_steps`` equal Euler steps."""
-    n = x.shape[0]
     for k in range(num_steps):
         t, t_next = 1.0 - k / num_steps, 1.0 - (k + 1) / num_steps
-        if step_fn is not None:
-            v = step_fn(x, k)
-        else:
-            v = denoise_fn(x, torch.full((n,), t, device=x.device, dtype=torch.float32))
-        x = x + (t_next - t) * v
+        x = x + (t_next - t) * step_fn(x, k)
     return x
 
 
@@ -228,29 +229,17 @@ def _discrete_steps(config: DiffusionConfig, num_steps: int) -> Iterator[tuple[i
         yield i, step, abar[step], 1.0 if last else abar[timesteps[i + 1]], last
 
 
-def _epsilon(
-    denoise_fn: DenoiseFn, step_fn: StepFn | None, x: Tensor, i: int, step: int, config: DiffusionConfig
-) -> Tensor:
-    """The network's noise prediction at sampling step i (through the prepared ``step_fn`` if given)."""
-    if step_fn is not None:
-        return step_fn(x, i)
-    t = torch.full((x.shape[0],), step / config.num_train_timesteps, device=x.device, dtype=torch.float32)
-    return denoise_fn(x, t)
-
-
 def ddpm_sample(
-    denoise_fn: DenoiseFn,
+    step_fn: StepFn,
     x: Tensor,
     config: DiffusionConfig,
     num_steps: int,
     *,
     generator: torch.Generator | None = None,
-    step_fn: StepFn | None = None,
 ) -> Tensor:
     """Ancestral DDPM sampling over ``num_steps`` of the schedule's steps (posterior q(x_prev | x_t, x0))."""
-    for i, step, a_t, a_prev, last in _discrete_steps(config, num_steps):
-        prediction = _epsilon(denoise_fn, step_fn, x, i, step, config)
-        x0, _ = _predict_x0(x, prediction, a_t, config.clip_sample)
+    for i, _step, a_t, a_prev, last in _discrete_steps(config, num_steps):
+        x0, _ = _predict_x0(x, step_fn(x, i), a_t, config.clip_sample)
         alpha = a_t / a_prev  # effective alpha of the (possibly skipped) transition
         beta = 1 - alpha
         mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
@@ -263,17 +252,9 @@ def ddpm_sample(
     return x
 
 
-def ddim_sample(
-    denoise_fn: DenoiseFn,
-    x: Tensor,
-    config: DiffusionConfig,
-    num_steps: int,
-    *,
-    step_fn: StepFn | None = None,
-) -> Tensor:
+def ddim_sample(step_fn: StepFn, x: Tensor, config: DiffusionConfig, num_steps: int) -> Tensor:
     """Deterministic DDIM (eta = 0): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps."""
-    for i, step, a_t, a_prev, _last in _discrete_steps(config, num_steps):
-        prediction = _epsilon(denoise_fn, step_fn, x, i, step, config)
-        x0, eps = _predict_x0(x, prediction, a_t, config.clip_sample)
+    for i, _step, a_t, a_prev, _last in _discrete_steps(config, num_steps):
+        x0, eps = _predict_x0(x, step_fn(x, i), a_t, config.clip_sample)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     return x

@@ -32,7 +32,11 @@ def test_flow_euler_recovers_a_point_mass_with_the_exact_velocity() -> None:
 
     for steps in (1, 3, 10):
         out = diffusion.sample(
-            velocity, TARGET.shape, FLOW, num_steps=steps, generator=torch.Generator().manual_seed(0)
+            diffusion.per_call(velocity),
+            TARGET.shape,
+            FLOW,
+            num_steps=steps,
+            generator=torch.Generator().manual_seed(0),
         )
         torch.testing.assert_close(out, TARGET, atol=1e-5, rtol=0)
 
@@ -75,7 +79,11 @@ def test_ddpm_samplers_recover_a_point_mass_with_the_exact_noise(config: Diffusi
         return (x - a.sqrt() * TARGET) / (1 - a).sqrt()
 
     out = diffusion.sample(
-        oracle_eps, TARGET.shape, config, num_steps=7, generator=torch.Generator().manual_seed(1)
+        diffusion.per_call(oracle_eps),
+        TARGET.shape,
+        config,
+        num_steps=7,
+        generator=torch.Generator().manual_seed(1),
     )
     torch.testing.assert_close(out, TARGET, atol=1e-4, rtol=0)
 
@@ -86,14 +94,28 @@ def test_samplers_are_deterministic_under_a_seed(config: DiffusionConfig) -> Non
         return 0.5 * x + torch.sin(3 * t)[:, None, None]
 
     def run(seed: int) -> torch.Tensor:
-        return diffusion.sample(denoise, (3, 4, 2), config, generator=torch.Generator().manual_seed(seed))
+        return diffusion.sample(
+            diffusion.per_call(denoise), (3, 4, 2), config, generator=torch.Generator().manual_seed(seed)
+        )
 
     torch.testing.assert_close(run(0), run(0), atol=0, rtol=0)
     assert not torch.allclose(run(0), run(1))
     # Given the same starting noise, only DDPM's per-step noise still depends on the generator.
     noise = torch.randn(3, 4, 2)
-    a = diffusion.sample(denoise, (3, 4, 2), config, noise=noise, generator=torch.Generator().manual_seed(0))
-    b = diffusion.sample(denoise, (3, 4, 2), config, noise=noise, generator=torch.Generator().manual_seed(5))
+    a = diffusion.sample(
+        diffusion.per_call(denoise),
+        (3, 4, 2),
+        config,
+        noise=noise,
+        generator=torch.Generator().manual_seed(0),
+    )
+    b = diffusion.sample(
+        diffusion.per_call(denoise),
+        (3, 4, 2),
+        config,
+        noise=noise,
+        generator=torch.Generator().manual_seed(5),
+    )
     assert torch.equal(a, b) == (config.sampler != "ddpm")
 
 
@@ -102,12 +124,14 @@ def test_clip_sample_bounds_ddim_output() -> None:
         return -10.0 * torch.ones_like(x)
 
     gen = torch.Generator().manual_seed(0)
-    clipped = diffusion.sample(wild, (2, 5), DDIM, generator=gen)
+    clipped = diffusion.sample(diffusion.per_call(wild), (2, 5), DDIM, generator=gen)
     assert float(clipped.abs().max()) <= 1.0 + 1e-6
     unclipped_cfg = DiffusionConfig(
         process="ddpm", sampler="ddim", clip_sample=False, num_train_timesteps=100
     )
-    unclipped = diffusion.sample(wild, (2, 5), unclipped_cfg, generator=torch.Generator().manual_seed(0))
+    unclipped = diffusion.sample(
+        diffusion.per_call(wild), (2, 5), unclipped_cfg, generator=torch.Generator().manual_seed(0)
+    )
     assert float(unclipped.abs().max()) > 1.0
 
 
@@ -127,6 +151,6 @@ def test_train_times() -> None:
 
 def test_noise_shape_is_checked() -> None:
     with pytest.raises(ValueError, match="noise has shape"):
-        diffusion.sample(lambda x, t: x, (2, 3), FLOW, noise=torch.zeros(2, 4))
+        diffusion.sample(diffusion.per_call(lambda x, t: x), (2, 3), FLOW, noise=torch.zeros(2, 4))
     with pytest.raises(ValueError, match=">= 1"):
-        diffusion.sample(lambda x, t: x, (2, 3), FLOW, num_steps=0)
+        diffusion.sample(diffusion.per_call(lambda x, t: x), (2, 3), FLOW, num_steps=0)

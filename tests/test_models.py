@@ -156,7 +156,7 @@ def test_adaln_block_and_decoders_start_as_identity_and_zero() -> None:
     assert torch.equal(block(x, mod)[0], x)
 
     decoder = DiffusionDecoder(D, HEADS, 2, 4.0, 0.0, DA, H, N_CTX)
-    out = decoder(torch.randn(4, H, DA), torch.rand(4), torch.randn(4, N_CTX, D))
+    out = decoder(torch.randn(4, H, DA), decoder.noise_levels(torch.rand(4)), torch.randn(4, N_CTX, D))
     assert out.shape == (4, H, DA) and torch.equal(out, torch.zeros_like(out))
 
     dit = CausalDiffusionTransformer(D, HEADS, 3, 4.0, 0.0, DA, H)
@@ -168,7 +168,7 @@ def test_adaln_block_and_decoders_start_as_identity_and_zero() -> None:
     assert torch.equal(out, torch.zeros_like(out))
 
     windowed = WindowedDiffusionTransformer(D, HEADS, 3, 4.0, 0.0, DA, H)
-    out = windowed(torch.randn(2, H, DA), torch.rand(2), torch.randn(2, 2, S, D))
+    out = windowed(torch.randn(2, H, DA), windowed.noise_levels(torch.rand(2)), torch.randn(2, 2, S, D))
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -200,11 +200,11 @@ def test_decoder_has_no_history_access_and_depends_on_context() -> None:
             if "mod_table" in name or "modulation" in name or "final" in name:
                 param.normal_(0.0, 0.1)
     x, t, ctx = torch.randn(3, H, DA), torch.rand(3), torch.randn(3, N_CTX, D)
-    out = decoder(x, t, ctx)
+    out = decoder(x, decoder.noise_levels(t), ctx)
     # Batch elements are independent samples: changing one sample's context touches only that sample.
     ctx2 = ctx.clone()
     ctx2[1] += torch.randn(N_CTX, D)
-    out2 = decoder(x, t, ctx2)
+    out2 = decoder(x, decoder.noise_levels(t), ctx2)
     torch.testing.assert_close(out2[[0, 2]], out[[0, 2]], atol=1e-6, rtol=0)
     assert (out2[1] - out[1]).abs().max() > 1e-4
 

@@ -15,7 +15,6 @@ in one call, each attending to its own prefix of the history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,12 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from scd_policy.models.kv_cache import KVCache
-from scd_policy.models.layers import (
-    AdaLNDenoiser,
-    SharedBlockModulation,
-    SharedModulations,
-    rope_cos_sin,
-)
+from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -107,18 +101,20 @@ class CausalDiffusionTransformer(AdaLNDenoiser):
         ``step[g]`` (G,) (absolute step numbers, see ``History.key_steps``) and sees that stream's cached
         steps <= step[g]. Returns (B, G, H, Da)."""
         b, g, h, _ = x_t.shape
-        cond = self.time_embed(t.reshape(b * g))  # (B*G, D)
-        mod = self.modulation(cond).unsqueeze(1)  # (B*G, 1, 6, D)
-        attend = self.attention_inputs(history, step, b, h)
-        return self._layers(x_t, [mod] * len(self.blocks), cond, attend)
+        return self.denoise_with(
+            x_t, self.noise_levels(t.reshape(b * g)), self.attention_inputs(history, step, b, h)
+        )
 
-    def denoise_prepared(
-        self, x_t: Tensor, shared: SharedModulations, k: int, attend: AttentionInputs
-    ) -> Tensor:
-        """``denoise`` at the k-th prepared noise level (every row), with the history's attention inputs
-        prepared once per sampling run (``attention_inputs``)."""
-        mods = [shared.block(k, index) for index in range(len(self.blocks))]
-        return self._layers(x_t, mods, shared.final_layer(k), attend)
+    def denoise_with(self, x_t: Tensor, levels: NoiseLevels, attend: AttentionInputs) -> Tensor:
+        """The one denoiser path: chunks x_t (B, G, H, Da) at noise ``levels`` (per row, or a prepared
+        sampling step ``prepare(times).at(k)``), with the history's attention inputs (prepared once per
+        sampling run by ``attention_inputs``). Returns (B, G, H, Da)."""
+        b, g, h, _ = x_t.shape
+        x = self.chunk_embed(x_t.reshape(b * g, h, -1))  # (B*G, H, D)
+        for block, mod, prefix in zip(self.blocks, levels.blocks, attend.prefixes, strict=True):
+            x, _, _ = block(x, mod, rope=attend.rope, prefix=prefix, mask=attend.mask)
+        out: Tensor = self.final(x, levels.final)
+        return out.view(b, g, h, -1)
 
     def attention_inputs(self, history: History, step: Tensor, b: int, h: int) -> AttentionInputs:
         """What the chunk tokens' attention needs and what does not change over the denoising steps:
@@ -148,20 +144,6 @@ class CausalDiffusionTransformer(AdaLNDenoiser):
                 )
             )
         return AttentionInputs(rope=rope, mask=mask, prefixes=tuple(prefixes))
-
-    def _layers(
-        self,
-        x_t: Tensor,
-        mods: Sequence[Tensor | SharedBlockModulation],
-        final_cond: Tensor | tuple[Tensor, Tensor],
-        attend: AttentionInputs,
-    ) -> Tensor:
-        b, g, h, _ = x_t.shape
-        x = self.chunk_embed(x_t.reshape(b * g, h, -1))  # (B*G, H, D)
-        for block, mod, prefix in zip(self.blocks, mods, attend.prefixes, strict=True):
-            x, _, _ = block(x, mod, rope=attend.rope, prefix=prefix, mask=attend.mask)
-        out: Tensor = self.final(x, final_cond)
-        return out.view(b, g, h, -1)
 
 
 @dataclass(frozen=True)

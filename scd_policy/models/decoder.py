@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from scd_policy.models.layers import (
-    AdaLNDenoiser,
-    SharedModulations,
-)
+from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels
 
 
 class DiffusionDecoder(AdaLNDenoiser):
@@ -34,34 +31,16 @@ class DiffusionDecoder(AdaLNDenoiser):
         self.n_context_tokens = n_context_tokens
         self.context_embed = nn.Parameter(torch.randn(n_context_tokens, d_model) * 0.02)
 
-    def forward(
-        self,
-        x_t: Tensor,
-        t: Tensor | None,
-        context: Tensor,
-        shared: SharedModulations | None = None,
-        step: int = 0,
-    ) -> Tensor:
-        """x_t (N, H, Da), t (N,) in [0, 1], context (N, n_ctx, D) -> prediction (N, H, Da).
-
-        With ``shared`` (from ``prepare``) the noise level is the ``step``-th of the prepared times for
-        every row, and ``t`` is not read: the time embedding and modulations are not recomputed."""
+    def forward(self, x_t: Tensor, levels: NoiseLevels, context: Tensor) -> Tensor:
+        """x_t (N, H, Da) at noise ``levels`` (``noise_levels(t)`` or ``prepare(times).at(k)``), context
+        (N, n_ctx, D) -> prediction (N, H, Da)."""
         x = torch.cat([context + self.context_embed, self.chunk_embed(x_t)], dim=1)  # (N, n_ctx + H, D)
         horizon = x_t.shape[1]
         # The context tokens' outputs of the last block feed nothing (only the chunk is read out), so that
         # block carries the chunk tokens only: (N, H, D) out of it. Exact; 1-4% off a control step on
         # the reference CPU (small preset, K = 10-100), more for one-block decoders.
         last = len(self.blocks) - 1
-        if shared is not None:
-            for index, block in enumerate(self.blocks):
-                x, _, _ = block(x, shared.block(step, index), queries=horizon if index == last else None)
-            out: Tensor = self.final(x, shared.final_layer(step))
-            return out
-        if t is None:
-            raise ValueError("DiffusionDecoder.forward needs t (N,) unless prepared modulations are given")
-        cond = self.time_embed(t)  # (N, D)
-        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D): the same for every token
-        for index, block in enumerate(self.blocks):
+        for index, (block, mod) in enumerate(zip(self.blocks, levels.blocks, strict=True)):
             x, _, _ = block(x, mod, queries=horizon if index == last else None)
-        out = self.final(x, cond)
+        out: Tensor = self.final(x, levels.final)
         return out

@@ -272,6 +272,27 @@ class SharedModulations:
         weight, shift = self.final[step].unbind(0)
         return weight, shift
 
+    def at(self, step: int) -> NoiseLevels:
+        """The conditioning of the ``step``-th prepared noise level, shared by every row."""
+        return NoiseLevels(
+            blocks=tuple(self.block(step, layer) for layer in range(self.blocks.shape[1])),
+            final=self.final_layer(step),
+        )
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """What a denoiser stack's AdaLN blocks and final layer read about the noise level: the one input
+    through which every denoiser call is conditioned.
+
+    Per row (``AdaLNDenoiser.noise_levels(t)``, training: every sample at its own t), or one prepared
+    sampling step shared by all rows (``SharedModulations.at(k)``: computed once per sampling run and
+    folded into layer_norm's affine parameters).
+    """
+
+    blocks: tuple[Tensor | SharedBlockModulation, ...]  # per block: (N, 1, 6, D) or the shared tuple
+    final: Tensor | tuple[Tensor, Tensor]  # (N, D) time embedding, or (1 + scale, shift)
+
 
 def shared_modulations(
     times: Tensor,
@@ -355,5 +376,12 @@ class AdaLNDenoiser(nn.Module):
         self.final = FinalLayer(d_model, action_dim)
 
     def prepare(self, times: Tensor) -> SharedModulations:
-        """The modulation of every block at the K sampling times (K,), for ``forward(..., shared=)``."""
+        """The modulation of every block at the K sampling times (K,): ``prepare(times).at(k)`` is the
+        conditioning of the k-th denoising call of a sampling run."""
         return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
+
+    def noise_levels(self, t: Tensor) -> NoiseLevels:
+        """The conditioning of rows at their own network times t (N,) in [0, 1] (training)."""
+        cond = self.time_embed(t)  # (N, D)
+        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D): the same for every token of a row
+        return NoiseLevels(blocks=(mod,) * len(self.blocks), final=cond)

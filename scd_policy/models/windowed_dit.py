@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from scd_policy.models.layers import (
-    AdaLNDenoiser,
-    SharedModulations,
-    rope_cos_sin,
-)
+from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels, rope_cos_sin
 
 
 class WindowedDiffusionTransformer(AdaLNDenoiser):
@@ -32,30 +28,18 @@ class WindowedDiffusionTransformer(AdaLNDenoiser):
     def forward(
         self,
         x_t: Tensor,
-        t: Tensor | None,
+        levels: NoiseLevels,
         obs_tokens: Tensor,
-        shared: SharedModulations | None = None,
-        step: int = 0,
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x_t (N, H, Da), t (N,), obs_tokens (N, n_obs, S, D) -> prediction (N, H, Da).
-
-        With ``shared`` (from ``prepare``) every row is at the ``step``-th prepared noise level and
-        ``t`` is not read; ``rope`` (from ``positions``) may be passed to skip rebuilding it."""
+        """x_t (N, H, Da) at noise ``levels`` (``noise_levels(t)`` or ``prepare(times).at(k)``),
+        obs_tokens (N, n_obs, S, D) -> prediction (N, H, Da); ``rope`` (from ``positions``) may be
+        passed to skip rebuilding it at every call of a sampling run."""
         n, n_obs, s, d = obs_tokens.shape
         h = x_t.shape[1]
         x = torch.cat([obs_tokens.reshape(n, n_obs * s, d), self.chunk_embed(x_t)], dim=1)
         rope = rope if rope is not None else self.positions(n_obs, s, h, x.device)
-        if shared is not None:
-            for index, block in enumerate(self.blocks):
-                x, _, _ = block(x, shared.block(step, index), rope=rope)
-            out: Tensor = self.final(x[:, n_obs * s :], shared.final_layer(step))
-            return out
-        if t is None:
-            raise ValueError("WindowedDiffusionTransformer.forward needs t (N,) unless shared is given")
-        cond = self.time_embed(t)  # (N, D)
-        mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D)
-        for block in self.blocks:
+        for block, mod in zip(self.blocks, levels.blocks, strict=True):
             x, _, _ = block(x, mod, rope=rope)
-        out = self.final(x[:, n_obs * s :], cond)
+        out: Tensor = self.final(x[:, n_obs * s :], levels.final)
         return out

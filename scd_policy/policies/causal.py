@@ -111,10 +111,6 @@ class CausalPolicy(Policy, Generic[ContextT]):
         """Append step tokens (B, T, S, D) to the cache; return the context of the last new step."""
 
     @abstractmethod
-    def denoise(self, context: ContextT, x_t: Tensor, t: Tensor) -> Tensor:
-        """One denoiser call: x_t (B, H, Da) normalised, t (B,) network time -> prediction (B, H, Da)."""
-
-    @abstractmethod
     def prepare_denoiser(self, context: ContextT, times: Tensor) -> diffusion.StepFn:
         """The denoiser of one sampling run at the network times ``times`` (K,): (x_t, k) -> prediction,
         computing what depends on t alone, or on the context alone, once."""
@@ -228,7 +224,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         batch = self.context_streams(context)
         shape = (batch, self.config.horizon, self.config.action_dim)
         x0 = diffusion.sample(
-            lambda x, t: self.denoise(context, x, t),
+            lambda times: self.prepare_denoiser(context, times),
             shape,
             self.config.diffusion,
             num_steps=num_inference_steps,
@@ -236,7 +232,6 @@ class CausalPolicy(Policy, Generic[ContextT]):
             noise=noise,
             device=self._device(),
             dtype=self._dtype(),
-            prepare=lambda times: self.prepare_denoiser(context, times),
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)
 

@@ -38,8 +38,8 @@ class CausalDiffusionPolicy(CausalPolicy[History]):
             config.action_dim,
             config.horizon,
         )
-        # The prepared denoiser call of the K-step loop; compile_denoiser() swaps in a compiled one.
-        self._denoise_prepared = self.model.denoise_prepared
+        # The denoiser call of the K-step loop; compile_denoiser() swaps in a compiled one.
+        self._denoise_with = self.model.denoise_with
 
     def new_cache(self, max_steps: int | None) -> KVCache:
         return self.model.new_cache(max_steps)
@@ -55,11 +55,7 @@ class CausalDiffusionPolicy(CausalPolicy[History]):
         return context.select(rows)
 
     def compile_denoiser(self) -> None:
-        self._denoise_prepared = torch.compile(self.model.denoise_prepared, mode=self._compile_mode())
-
-    def denoise(self, context: History, x_t: Tensor, t: Tensor) -> Tensor:
-        step = torch.tensor([context.last_step], device=x_t.device)  # the chunk belongs to the last step
-        return self.model.denoise(x_t[:, None], t[:, None], context, step)[:, 0]
+        self._denoise_with = torch.compile(self.model.denoise_with, mode=self._compile_mode())
 
     def prepare_denoiser(self, context: History, times: Tensor) -> diffusion.StepFn:
         model = self.model
@@ -67,10 +63,10 @@ class CausalDiffusionPolicy(CausalPolicy[History]):
         step_index = torch.tensor([context.last_step], device=times.device)
         attend = model.attention_inputs(context, step_index, context.keys[0].shape[0], self.config.horizon)
 
-        denoise_prepared = self._denoise_prepared
+        denoise_with = self._denoise_with
 
         def step(x: Tensor, k: int) -> Tensor:
-            out: Tensor = denoise_prepared(x[:, None], shared, k, attend)
+            out: Tensor = denoise_with(x[:, None], shared.at(k), attend)
             return out[:, 0]
 
         return step

@@ -147,7 +147,7 @@ class DiffusionPolicy(Policy):
         noise = torch.randn_like(x0)
         t = diffusion.sample_train_times(r * b, self.config.diffusion, device=x0.device)
         x_t = diffusion.add_noise(x0, noise, t, self.config.diffusion)
-        prediction = self.model(x_t, t, tokens)
+        prediction = self.model(x_t, self.model.noise_levels(t), tokens)
         loss = masked_mse(prediction, diffusion.training_target(x0, noise, self.config.diffusion), mask)
         return loss, {"loss": float(loss.detach())}
 
@@ -183,10 +183,10 @@ class DiffusionPolicy(Policy):
             # Once per chunk: the K steps' modulations and the RoPE tables.
             shared = model.prepare(times)
             rope = model.positions(n_obs, tokens.shape[2], self.config.horizon, tokens.device)
-            return lambda x, k: model(x, None, tokens, shared, k, rope)
+            return lambda x, k: model(x, shared.at(k), tokens, rope)
 
         x0 = diffusion.sample(
-            lambda x, tt: self.model(x, tt, tokens),
+            prepare,
             (b, self.config.horizon, self.config.action_dim),
             self.config.diffusion,
             num_steps=num_inference_steps,
@@ -194,6 +194,5 @@ class DiffusionPolicy(Policy):
             noise=noise,
             device=device,
             dtype=self._dtype(),
-            prepare=prepare,
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)

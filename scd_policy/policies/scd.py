@@ -76,16 +76,12 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     def compile_denoiser(self) -> None:
         self.decoder.compile(mode=self._compile_mode())
 
-    def denoise(self, context: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        out: Tensor = self.decoder(x_t, t, context)
-        return out
-
     def prepare_denoiser(self, context: Tensor, times: Tensor) -> diffusion.StepFn:
         shared = self.decoder.prepare(times)  # the K steps' modulations in one batched pass
         decoder = self.decoder
 
         def step(x: Tensor, k: int) -> Tensor:
-            out: Tensor = decoder(x, None, context, shared, k)
+            out: Tensor = decoder(x, shared.at(k), context)
             return out
 
         return step
@@ -105,6 +101,6 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         noise = torch.randn_like(x0)
         t = diffusion.sample_train_times(b * r * w, self.config.diffusion, device=x0.device)
         x_t = diffusion.add_noise(x0, noise, t, self.config.diffusion)
-        prediction = self.decoder(x_t, t, context)  # (B*R*W, H, Da)
+        prediction = self.decoder(x_t, self.decoder.noise_levels(t), context)  # (B*R*W, H, Da)
         loss = masked_mse(prediction, diffusion.training_target(x0, noise, self.config.diffusion), mask)
         return loss, {"loss": float(loss.detach()), "valid_fraction": float(inputs.mask.float().mean())}
