@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+# The built-in classes register themselves as these modules are imported.
+import scd_policy.policies.causal_diffusion
+import scd_policy.policies.diffusion_policy
+import scd_policy.policies.scd  # noqa: F401
 from scd_policy.config import POLICY_TYPES, PolicyConfig
 from scd_policy.models.normalizer import Normalizer
-from scd_policy.policies import causal_diffusion, diffusion_policy, scd  # noqa: F401  (registration)
 from scd_policy.policies.base import Policy, policy_class, registered_policies
 
 POLICY_CLASSES: dict[str, type[Policy]] = registered_policies()
