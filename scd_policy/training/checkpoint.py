@@ -53,11 +53,14 @@ __all__ = [
     "LATEST",
     "CheckpointError",
     "TrainState",
+    "best_success",
     "checkpoint_name",
     "ensure_new_run_folder",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "policy_folder",
+    "prepare_run_folder",
     "resolve_policy_dir",
     "resumable_checkpoint",
     "save_best",
@@ -190,6 +193,24 @@ def save_checkpoint(
     for stale in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return checkpoints / name
+
+
+def policy_folder(run_dir: Path, step: int) -> Path:
+    """The deployable (EMA) policy folder of the checkpoint at ``step``."""
+    return run_dir / CHECKPOINTS / checkpoint_name(step) / POLICY
+
+
+def best_success(run_dir: Path) -> float | None:
+    """The best rollout success recorded in ``best.json`` (None when there is none, or it is unreadable:
+    then the next rollout sets it again)."""
+    path = run_dir / BEST_JSON
+    if not path.exists():
+        return None
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["success_rate"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        log.warning("%s is unreadable (%s); the best-so-far success starts afresh", path, error)
+        return None
 
 
 def save_best(run_dir: Path, policy: Policy, step: int, success: float) -> None:

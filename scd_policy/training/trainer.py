@@ -10,7 +10,6 @@ and rank 0 alone writes logs and checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -33,8 +32,10 @@ from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, make_policy
 from scd_policy.training.checkpoint import (
     TrainState,
+    best_success,
     ensure_new_run_folder,
     load_checkpoint,
+    policy_folder,
     prepare_run_folder,
     resumable_checkpoint,
     save_best,
@@ -202,9 +203,9 @@ def _train(
                 checkpoint, model=policy, ema_model=ema.shadow, optimizer=optimizer, scheduler=scheduler
             )
             ema.num_updates = state.ema_updates
-            best_file = run_dir / "best.json"
-            if best_file.exists():  # newer than the checkpoint when rollouts ran after it was written
-                state.best_success = float(json.loads(best_file.read_text())["success_rate"])
+            recorded = best_success(run_dir)  # newer than the checkpoint when rollouts ran after it
+            if recorded is not None:
+                state.best_success = recorded
             log.info("resumed from %s at step %d", checkpoint, state.step)
     if dist_info.is_main:
         # Written only now: a resume whose checkpoint does not fit this config must not overwrite the
@@ -308,7 +309,7 @@ def _train(
     progress.close()
     if writer is not None:
         writer.close()
-    final = run_dir / "checkpoints" / f"step_{state.step:08d}" / "policy"
+    final = policy_folder(run_dir, state.step)
     if dist_info.is_main:
         log.info("training done: deployable EMA policy at %s", final)
     return final
