@@ -108,6 +108,11 @@ class PolicyConfig:
 
     # Training recipe (SCD paper, adapted).
     decoder_repeats: int = 2  # R: noise draws per encoder pass
+    # Causal policies, training only: how many of a window's steps have their chunk denoised per
+    # encoder pass (a random subset, the same for the whole batch); 0: every step. With long windows the
+    # denoiser, not the encoder, dominates a training step (W x R chunks per window): a subset keeps
+    # every step's history in the encoder pass at a fraction of the cost.
+    decoder_steps: int = 0
     context_noise: float = 0.05  # std of Gaussian noise added to c_t in training
     history_noise: float = 0.0  # std of noise added to normalised history inputs in training
     # Causal policies, training only: probability of hiding a step's previous action (the "no previous
@@ -153,6 +158,11 @@ class PolicyConfig:
                 f"policy.context_window={self.context_window} must be >= train_window={self.train_window}",
             )
         _require(self.decoder_repeats >= 1, "policy.decoder_repeats must be >= 1")
+        _require(
+            0 <= self.decoder_steps <= self.train_window,
+            f"policy.decoder_steps={self.decoder_steps} must be in [0, train_window={self.train_window}] "
+            "(0: every step of the window)",
+        )
         _require(self.context_noise >= 0 and self.history_noise >= 0, "noise levels must be >= 0")
         _require(
             0.0 <= self.prev_action_dropout < 1.0,

@@ -27,6 +27,9 @@ class MainJob:
     size: str = "tiny"
     eval_episodes: int = 50
     workdir: Path = Path()
+    # Chunks denoised per training window (policy.decoder_steps): with memory_cue's 32-step windows the
+    # denoiser dominates a training step; 8 of 32 keeps every step in the encoder pass.
+    decoder_steps: int = 8
 
     @property
     def dataset(self) -> Path:
@@ -71,6 +74,9 @@ def run_main_job(job: MainJob) -> MainJobResult:
     )
     # The history window the task declares (memory_cue: 32 steps, from cue to decision).
     cfg = with_task_history(cfg, job.task)
+    cfg = replace(
+        cfg, policy=replace(cfg.policy, decoder_steps=min(job.decoder_steps, cfg.policy.train_window))
+    )
     # A fresh run folder each time, so the printed figures belong to this run.
     if job.run_dir.exists():
         shutil.rmtree(job.run_dir)

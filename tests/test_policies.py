@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from scd_policy.config import PolicyConfig, config_dir
+from scd_policy.config import ConfigError, PolicyConfig, config_dir
 from scd_policy.data import Normalizer, ReplayBuffer, WindowedDataset, fit_normalizer
 from scd_policy.models.layers import AdaLNBlock, Block
 from scd_policy.policies import (
@@ -269,6 +269,44 @@ def test_prev_action_dropout_hides_previous_actions_in_training_only(
     torch.testing.assert_close(
         dropping.training_inputs(batch).tokens, plain.eval().training_inputs(batch).tokens
     )
+
+
+@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
+def test_decoder_steps_denoise_a_subset_in_training_only_and_still_learn(
+    policy_type: str, buffer: ReplayBuffer
+) -> None:
+    torch.manual_seed(0)
+    policy = build(policy_type, buffer, decoder_steps=2)
+    batch = batch_of(policy, buffer, [0, 9, 30, 41])
+    policy.train()
+    inputs = policy.training_inputs(batch)
+    assert inputs.steps.shape == (2,) and bool((inputs.steps[1:] > inputs.steps[:-1]).all())
+    assert inputs.chunks.shape[1] == 2 and inputs.tokens.shape[1] == WINDOW  # the encoder sees them all
+    full = build(policy_type, buffer)
+    full.load_state_dict(policy.state_dict())
+    torch.manual_seed(3)
+    chosen = full.train().training_inputs(batch)
+    torch.testing.assert_close(inputs.chunks, chosen.chunks[:, inputs.steps])  # the same chunks, a subset
+    policy.eval()  # validation and inference: every step
+    assert policy.training_inputs(batch).steps.tolist() == list(range(WINDOW))
+
+    # The loss still falls (the subset changes every step; the fixed-noise loss reads every step).
+    def fixed_noise_loss() -> float:
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            return float(policy.eval().compute_loss(batch)[0])
+
+    initial = fixed_noise_loss()
+    optimizer = torch.optim.AdamW(policy.param_groups(3e-3, 0.0))
+    policy.train()
+    for _ in range(60):
+        loss, _ = policy.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_noise_loss() < initial / 3
+    with pytest.raises(ConfigError, match=r"decoder_steps=9 must be in \[0, train_window=5\]"):
+        tiny_config(policy_type, decoder_steps=9)
 
 
 @pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])

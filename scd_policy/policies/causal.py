@@ -58,8 +58,9 @@ class TrainingInputs:
     """A causal training window after normalisation: what both causal policies' losses start from."""
 
     tokens: Tensor  # (B, W, S, D) step tokens (history noise already applied)
-    chunks: Tensor  # (B, W, H, Da) normalised target chunks, one per step
-    mask: Tensor  # (B, W, H) bool: chunk element counts in the loss
+    chunks: Tensor  # (B, W', H, Da) normalised target chunks of the denoised steps (W' = W unless subset)
+    mask: Tensor  # (B, W', H) bool: chunk element counts in the loss
+    steps: Tensor  # (W',) long: the window steps whose chunks are denoised (``config.decoder_steps``)
 
 
 class CausalStreamState(StreamState, Generic[ContextT]):
@@ -310,4 +311,10 @@ class CausalPolicy(Policy, Generic[ContextT]):
         chunks = action_norm[:, 1:].unfold(1, h, 1).transpose(-1, -2)  # (B, W, H, Da)
         chunk_pad = action_is_pad[:, 1:].unfold(1, h, 1)  # (B, W, H)
         mask = ~chunk_pad & ~obs_is_pad[:, :, None]
-        return TrainingInputs(tokens=tokens, chunks=chunks, mask=mask)
+        steps = torch.arange(w, device=tokens.device)
+        if self.training and 0 < self.config.decoder_steps < w:
+            # Denoise a random subset of the steps (the encoder still reads them all): the cost of a
+            # training step then grows with the window through the encoder only.
+            steps = torch.randperm(w, device=tokens.device)[: self.config.decoder_steps].sort().values
+            chunks, mask = chunks[:, steps], mask[:, steps]
+        return TrainingInputs(tokens=tokens, chunks=chunks, mask=mask, steps=steps)

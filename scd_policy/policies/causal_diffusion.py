@@ -81,7 +81,7 @@ class CausalDiffusionPolicy(CausalPolicy[History]):
         # Groups g = (repeat, step), repeat-major; chunk group g sees the history up to its step.
         x0 = inputs.chunks.repeat(1, r, 1, 1)  # (B, R*W, H, Da)
         mask = inputs.mask.repeat(1, r, 1)  # (B, R*W, H)
-        step = torch.arange(w, device=x0.device).repeat(r)  # (R*W,)
+        step = inputs.steps.repeat(r)  # (R*W,): the window step of each chunk group
         noise = torch.randn_like(x0)
         t = diffusion.sample_train_times(b * r * w, self.config.diffusion, device=x0.device).view(b, r * w)
         x_t = diffusion.add_noise(x0.flatten(0, 1), noise.flatten(0, 1), t.flatten(), self.config.diffusion)

@@ -90,7 +90,9 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         inputs = self.training_inputs(batch)
         b, w, h, da = inputs.chunks.shape
         r = self.config.decoder_repeats
-        context: Tensor = self.encoder(inputs.tokens)  # (B, W, n_ctx, D): one pass for every step
+        context: Tensor = self.encoder(inputs.tokens)[
+            :, inputs.steps
+        ]  # (B, W', n_ctx, D): the denoised steps
         n_ctx, d = context.shape[-2:]
         # R noise draws per encoder pass: every (repeat, step) pair is an independent decoder sample.
         context = context.unsqueeze(1).expand(b, r, w, n_ctx, d).reshape(b * r * w, n_ctx, d)
