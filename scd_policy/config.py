@@ -24,8 +24,8 @@ T = TypeVar("T")
 
 POLICY_TYPES = ("scd", "causal_diffusion", "diffusion_policy")
 CAUSAL_POLICY_TYPES = ("scd", "causal_diffusion")
-DIFFUSION_PROCESSES = ("flow", "ddpm")
-SAMPLERS = {"flow": ("euler",), "ddpm": ("ddpm", "ddim")}
+DIFFUSION_PROCESSES = ("flow", "ddpm", "regression")
+SAMPLERS = {"flow": ("euler",), "ddpm": ("ddpm", "ddim"), "regression": ("direct",)}
 
 
 class ConfigError(ValueError):
@@ -41,8 +41,11 @@ def _require(condition: bool, message: str) -> None:
 class DiffusionConfig:
     """The noising process and its sampler; lives apart from the networks."""
 
-    process: str = "flow"  # "flow": flow matching (velocity eps - x0); "ddpm": epsilon prediction
-    sampler: str = "euler"  # flow: "euler"; ddpm: "ddpm" or "ddim"
+    # "flow": flow matching (velocity eps - x0); "ddpm": epsilon prediction; "regression": no noise at
+    # all, the same network predicts the chunk itself in one call (MSE to the chunk) — the ablation that
+    # shows what diffusion buys on multimodal tasks (a regressor averages the modes).
+    process: str = "flow"
+    sampler: str = "euler"  # flow: "euler"; ddpm: "ddpm" or "ddim"; regression: "direct" (set for you)
     num_inference_steps: int = 10  # K: denoising steps per replan (may be changed at inference)
     num_train_timesteps: int = 100  # ddpm only: length of the discrete noise schedule
     beta_schedule: str = "squaredcos_cap_v2"  # ddpm only
@@ -51,6 +54,8 @@ class DiffusionConfig:
     logit_normal_std: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.process == "regression" and self.sampler == "euler":  # the default: its only sampler
+            self.sampler = "direct"
         _require(
             self.process in DIFFUSION_PROCESSES,
             f"diffusion.process={self.process!r}; expected one of {DIFFUSION_PROCESSES}",

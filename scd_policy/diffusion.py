@@ -11,6 +11,8 @@ once per sampling run for its K network times (``sample``):
   schedule; the network predicts the noise eps and sees t = index / num_train_timesteps. Samplers:
   ancestral DDPM and deterministic DDIM (eta = 0) over ``K`` evenly spaced ("leading") timesteps;
   ``clip_sample`` clamps the predicted x0 to [-1, 1] (actions are normalised to that range).
+- ``process="regression"``: the ablation without diffusion — the network sees an all-zero chunk at
+  t = 1 and predicts the chunk itself (MSE); sampling is that one call, whatever K.
 
 Randomness comes only from the ``generator`` argument (or the caller's ``noise``), so sampling is
 reproducible under a seed.
@@ -45,9 +47,12 @@ def sample_train_times(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Network times (n,) for a training batch: logit-normal (flow) or uniform discrete steps (ddpm)."""
+    """Network times (n,) for a training batch: logit-normal (flow), uniform discrete steps (ddpm), or
+    1 everywhere (regression: the network only ever sees that one level)."""
     gen_device = generator.device if generator is not None else "cpu"
-    if config.process == "flow":
+    if config.process == "regression":
+        t = torch.ones(n, device=gen_device)
+    elif config.process == "flow":
         z = torch.randn(n, generator=generator, device=gen_device)
         t = torch.sigmoid(config.logit_normal_mean + config.logit_normal_std * z)
     else:
@@ -62,7 +67,10 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor, config: DiffusionConfig) -> Tensor:
-    """The noisy sample x_t for clean x0 (N, ...), noise of the same shape and network times t (N,)."""
+    """The noisy sample x_t for clean x0 (N, ...), noise of the same shape and network times t (N,);
+    for regression the input holds nothing (zeros): the chunk comes from the conditioning alone."""
+    if config.process == "regression":
+        return torch.zeros_like(x0)
     if config.process == "flow":
         tt = _per_sample(t, x0)
         return (1 - tt) * x0 + tt * noise
@@ -72,7 +80,10 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, config: DiffusionConfig) -> 
 
 
 def training_target(x0: Tensor, noise: Tensor, config: DiffusionConfig) -> Tensor:
-    """What the network learns to predict: the velocity eps - x0 (flow) or the noise eps (ddpm)."""
+    """What the network learns to predict: the velocity eps - x0 (flow), the noise eps (ddpm), or the
+    chunk x0 itself (regression)."""
+    if config.process == "regression":
+        return x0
     return noise - x0 if config.process == "flow" else noise
 
 
@@ -117,7 +128,9 @@ def _alpha_bar_at(t: Tensor, config: DiffusionConfig) -> Tensor:
 
 def resolve_num_steps(config: DiffusionConfig, num_steps: int | None) -> int:
     """K for a sampling run: ``num_steps``, or the config's default when None — checked here, the one
-    place (>= 1; a DDPM/DDIM sampler takes at most ``num_train_timesteps``)."""
+    place (>= 1; a DDPM/DDIM sampler takes at most ``num_train_timesteps``; regression always 1)."""
+    if config.process == "regression":
+        return 1
     steps = config.num_inference_steps if num_steps is None else int(num_steps)
     if steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
@@ -141,6 +154,8 @@ def inference_timesteps(config: DiffusionConfig, num_steps: int) -> list[int]:
 def sampling_times(config: DiffusionConfig, num_steps: int) -> list[float]:
     """The network times of the K denoiser calls of a sampling run, in call order (every row of the
     batch is at the same time at every call)."""
+    if config.process == "regression":
+        return [1.0]
     if config.process == "flow":
         return [1.0 - k / num_steps for k in range(num_steps)]
     return [step / config.num_train_timesteps for step in inference_timesteps(config, num_steps)]
@@ -186,6 +201,8 @@ def sample(
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
         x = noise.to(device=device if device is not None else noise.device, dtype=dtype)
     step_fn = prepare(torch.tensor(sampling_times(config, steps), dtype=torch.float32, device=x.device))
+    if config.process == "regression":  # one call on an empty input: the prediction is the sample
+        return step_fn(torch.zeros_like(x), 0)
     if config.process == "flow":
         return euler_sample(step_fn, x, steps)
     if config.sampler == "ddim":

@@ -154,3 +154,27 @@ def test_noise_shape_is_checked() -> None:
         diffusion.sample(diffusion.per_call(lambda x, t: x), (2, 3), FLOW, noise=torch.zeros(2, 4))
     with pytest.raises(ValueError, match=">= 1"):
         diffusion.sample(diffusion.per_call(lambda x, t: x), (2, 3), FLOW, num_steps=0)
+
+
+def test_regression_is_one_call_to_the_chunk_itself() -> None:
+    config = DiffusionConfig(process="regression")
+    assert config.sampler == "direct"  # its only sampler, set for the default
+    x0, noise = torch.randn(3, 4, 2), torch.randn(3, 4, 2)
+    t = diffusion.sample_train_times(3, config)
+    assert torch.equal(t, torch.ones(3))
+    assert torch.equal(diffusion.add_noise(x0, noise, t, config), torch.zeros_like(x0))  # input: nothing
+    assert torch.equal(diffusion.training_target(x0, noise, config), x0)  # target: the chunk
+    calls: list[tuple[torch.Tensor, int]] = []
+
+    def prepare(times: torch.Tensor) -> diffusion.StepFn:
+        assert times.tolist() == [1.0]
+
+        def step(x: torch.Tensor, k: int) -> torch.Tensor:
+            calls.append((x, k))
+            return x + TARGET
+
+        return step
+
+    out = diffusion.sample(prepare, TARGET.shape, config, num_steps=10, noise=torch.randn(TARGET.shape))
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.zeros(TARGET.shape))  # K is ignored
+    torch.testing.assert_close(out, TARGET)
