@@ -13,7 +13,7 @@ a function of that window. This script measures it two ways, on freshly rolled-o
    metres of pusher target, relative to the expert's mean step (|target - pusher|).
 
     .venv/bin/python scripts/analysis/expert_predictability.py --task push_t --episodes 100 \
-        --variant default --windows 1 2 8 32
+        --variant legacy --windows 1 2 8 32
 
 Runs on one thread (the machine is shared); ~1 min per window on 100 push_t episodes.
 """
@@ -41,18 +41,14 @@ def _push_t_variant(name: str, seed: int) -> Any:
     from envs.tasks import push_t
 
     params = push_t.ExpertParams()
-    if name == "default":
+    if name == "default":  # what the task ships: state-only since issue H
         return push_t.make_expert(seed)
-    if name == "no_noise":
-        return push_t.PushTExpert(seed, dataclasses.replace(params, score_noise=0.0))
-    if name == "memoryless":
-        # No noise and every decision re-derived from the current state: a pure function of it.
-        class Memoryless(push_t.PushTExpert):
-            def __call__(self, obs: dict[str, np.ndarray], info: dict[str, Any]) -> np.ndarray:
-                self._target, self._angle_sign = None, 0.0
-                return super().__call__(obs, info)
-
-        return Memoryless(seed, dataclasses.replace(params, score_noise=0.0))
+    if name == "legacy":  # the expert before issue H: per-step score noise and remembered decisions
+        return push_t.PushTExpert(seed, dataclasses.replace(params, score_noise=0.03, stateless=False))
+    if name == "no_noise":  # remembered decisions, no noise
+        return push_t.PushTExpert(seed, dataclasses.replace(params, score_noise=0.0, stateless=False))
+    if name == "memoryless":  # no noise, every decision from the current state (= today's default)
+        return push_t.PushTExpert(seed, dataclasses.replace(params, score_noise=0.0, stateless=True))
     raise ValueError(f"unknown push_t variant {name!r}")
 
 
@@ -76,7 +72,7 @@ class Rollouts:
 def _memoryless_action(expert: Any, obs: dict[str, np.ndarray], step: int) -> np.ndarray:
     """The push_t expert's action from the current state alone: no hidden decision, no noise."""
     probe = copy.copy(expert)
-    probe.params = dataclasses.replace(expert.params, score_noise=0.0)
+    probe.params = dataclasses.replace(expert.params, score_noise=0.0, stateless=True)
     probe._rng = np.random.default_rng(0)  # a private stream: the real expert's is left untouched
     probe._target = None
     probe._angle_sign = 0.0
@@ -209,7 +205,13 @@ def fit_mlp(
 
 
 def regression(
-    ro: Rollouts, k: int, prev_actions: bool, seed: int, steps: int = 4000, width: int = 256
+    ro: Rollouts,
+    k: int,
+    prev_actions: bool,
+    seed: int,
+    steps: int = 4000,
+    width: int = 256,
+    absolute: bool = False,
 ) -> dict[str, float]:
     spec_scale = 0.25
     x, y, ids = windows(ro, k, prev_actions, slice(0, 2), spec_scale)
@@ -221,9 +223,13 @@ def regression(
     te = np.array([i in test_eps for i in ids])
     va = np.array([i in val_eps for i in ids])
     tr = ~(te | va)
-    net = fit_mlp(x[tr], y[tr], x[va], y[va], seed, steps, width)
+    # absolute: the network outputs the target itself (as the policies do), not its offset from the
+    # pusher; the error is measured the same way, so only the output's scale differs.
+    here = np.repeat(x[:, (k - 1) * 6 : (k - 1) * 6 + 2] / spec_scale, CHUNK, axis=0).reshape(len(x), -1)
+    offset = here if absolute else np.zeros_like(y)
+    net = fit_mlp(x[tr], y[tr] + offset[tr], x[va], y[va] + offset[va], seed, steps, width)
     with torch.no_grad():
-        pred = net(torch.from_numpy(x[te])).numpy()
+        pred = net(torch.from_numpy(x[te])).numpy() - offset[te]
     err = (pred - y[te]).reshape(-1, CHUNK, 2) * spec_scale  # metres
     step = np.linalg.norm(y[te].reshape(-1, CHUNK, 2)[:, 0] * spec_scale, axis=1).mean()
     first = np.linalg.norm(err[:, 0], axis=1)
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-prev-actions", action="store_true", help="only windows of observations + actions")
     ap.add_argument("--mlp-steps", type=int, default=4000)
     ap.add_argument("--mlp-width", type=int, default=256)
+    ap.add_argument("--absolute", action="store_true", help="regress absolute targets, like the policies")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -259,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "task": args.task,
         "variant": args.variant,
+        "absolute_targets": args.absolute,
         "episodes": args.episodes,
         "success": float(np.mean(ro.successes)),
         "length_mean": float(lengths.mean()),
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_regression:
         for k in args.windows:
             for prev in (True,) if args.no_prev_actions else (False, True):
-                r = regression(ro, k, prev, seed=0, steps=args.mlp_steps, width=args.mlp_width)
+                r = regression(ro, k, prev, 0, args.mlp_steps, args.mlp_width, args.absolute)
                 key = f"k={k}{'+act' if prev else ''}"
                 result["regression"][key] = r
                 print(key, json.dumps({n: round(v, 4) for n, v in r.items()}), flush=True)

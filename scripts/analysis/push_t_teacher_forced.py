@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from envs.registry import make_env, make_expert
+from envs.tasks.push_t import PushTEnv, distance_to_t
 from scd_policy.cli.eval import resolve_policy_dir
 from scd_policy.policies import load_policy
 from scd_policy.runtime import SCDPolicy
@@ -33,7 +34,9 @@ def main() -> None:
     policy = load_policy(resolve_policy_dir(Path(args.checkpoint)), device="cpu")
     runtime = SCDPolicy(policy, num_envs=1, n_action_steps=1, seed=0)
     env = make_env("push_t")
-    errs, steps, holds = [], [], []
+    errs, steps, holds, contact = [], [], [], []
+    inner = env.unwrapped
+    assert isinstance(inner, PushTEnv)
     for i in range(args.episodes):
         expert = make_expert("push_t", args.seed0 + i)
         obs, info = env.reset(seed=args.seed0 + i)
@@ -46,10 +49,12 @@ def main() -> None:
             errs.append(float(np.linalg.norm(p - a)) * 0.25)
             steps.append(float(np.linalg.norm(a - here)) * 0.25)
             holds.append(float(np.linalg.norm(p - here)) * 0.25)
+            gap = distance_to_t(obs["state"][:2], inner.block_pose, inner.geometry)
+            contact.append(gap < inner.geometry.pusher_radius + 0.004)
             obs, _, term, trunc, info = env.step(a)
             done = term or trunc
     env.close()
-    e, s = np.array(errs), np.array(steps)
+    e, s, c = np.array(errs), np.array(steps), np.array(contact)
     print(
         json.dumps(
             {
@@ -58,6 +63,11 @@ def main() -> None:
                 "expert_step_mean_m": float(s.mean()),
                 "err_rel_step": float(e.mean() / s.mean()),
                 "policy_step_mean_m": float(np.mean(holds)),
+                "contact_frac": float(c.mean()),
+                "err_rel_step_in_contact": float(e[c].mean() / s[c].mean()),
+                "err_rel_step_travelling": float(e[~c].mean() / s[~c].mean()),
+                "step_in_contact_m": float(s[c].mean()),
+                "step_travelling_m": float(s[~c].mean()),
             },
             indent=1,
         )
