@@ -72,6 +72,11 @@ class CollectConfig:
     max_attempts: int | None = None  # episodes to try at most; None: max(2 * episodes, episodes + 10)
     max_episode_steps: int | None = None  # None: the task's own limit
     overwrite: bool = False  # replace an existing dataset instead of appending
+    # Std of Gaussian noise added to the *executed* action (action units); the stored action stays the
+    # expert's clean one (DART-style noise injection). The demonstrations then visit states just off the
+    # expert's own paths, labelled with the expert's correction, which is what a policy needs to recover
+    # from its own small errors. 0: execute the expert's actions as they are.
+    exec_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -86,6 +91,8 @@ class CollectConfig:
             raise ConfigError(f"max_attempts={self.max_attempts} is below episodes={self.episodes}")
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ConfigError(f"max_episode_steps={self.max_episode_steps}; expected >= 1")
+        if not 0.0 <= self.exec_noise < 1.0:
+            raise ConfigError(f"exec_noise={self.exec_noise}; expected in [0, 1)")
 
     @property
     def attempt_budget(self) -> int:
@@ -118,6 +125,7 @@ class EnvOptions:
     camera: str
     image_size: int
     max_episode_steps: int
+    exec_noise: float = 0.0
 
 
 @dataclass
@@ -143,6 +151,8 @@ class EpisodeRunner:
     def run(self, seed: int) -> Episode:
         expert = make_expert(self.options.task, seed)
         obs, info = self.env.reset(seed=seed)
+        # Its own stream, so the env and expert streams of a seed are the same with or without noise.
+        noise = np.random.default_rng([seed, 0x5EED])
         frames: dict[str, list[np.ndarray]] = {key: [] for key in (*obs, "action")}
         while True:
             action = np.clip(np.asarray(expert(obs, info), dtype=np.float32), -1.0, 1.0)
@@ -150,7 +160,12 @@ class EpisodeRunner:
             for key, value in obs.items():
                 frames[key].append(value)
             frames["action"].append(action)
-            obs, _, terminated, truncated, info = self.env.step(action)
+            executed = action
+            if self.options.exec_noise > 0.0:
+                executed = action + noise.normal(0.0, self.options.exec_noise, action.shape).astype(
+                    np.float32
+                )
+            obs, _, terminated, truncated, info = self.env.step(np.clip(executed, -1.0, 1.0))
             if terminated or truncated:
                 break
         data = {key: np.stack(values) for key, values in frames.items()}
@@ -214,6 +229,7 @@ def _new_card(spec: TaskSpec, options: EnvOptions) -> dict[str, Any]:
         "camera": options.camera if options.image else None,
         "image_size": options.image_size if options.image else None,
         "max_episode_steps": options.max_episode_steps,
+        "exec_noise": options.exec_noise,
         "episode_seeds": [],  # the seed of every stored episode, in storage order
         "next_seed": 0,  # the first seed not yet tried; appends start here
         "attempts": 0,  # episodes tried over all runs (kept or not)
@@ -378,6 +394,7 @@ def collect(cfg: CollectConfig, *, progress: bool = True) -> CollectReport:
         camera=camera,
         image_size=cfg.image_size,
         max_episode_steps=cfg.max_episode_steps or spec.max_episode_steps,
+        exec_noise=cfg.exec_noise,
     )
     stop = _StopRequest()
     with _signals_request_stop(stop):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from envs.registry import get_task, make_env, task_names
+from envs.registry import get_task, make_env, make_expert, task_names
 from scd_policy.collection import CollectConfig, CollectError, collect, config_from_dict, run_collection
 from scd_policy.config import ConfigError
 from scd_policy.data.replay_buffer import ReplayBuffer
@@ -91,6 +91,26 @@ def test_collect_state_episodes_replay_exactly(task: str, tmp_path: Path) -> Non
         assert info["success"] is True
     finally:
         env.close()
+
+
+def test_exec_noise_perturbs_the_states_but_stores_the_experts_labels(tmp_path: Path) -> None:
+    clean, noisy = tmp_path / "clean.zarr", tmp_path / "noisy.zarr"
+    collect(_config("push_t", noisy, episodes=1, exec_noise=0.05), progress=False)
+    seed = _card(noisy)["episode_seeds"][0]
+    collect(_config("push_t", clean, episodes=1, seed=seed), progress=False)
+    assert _card(clean)["episode_seeds"] == [seed]
+    assert _card(noisy)["exec_noise"] == 0.05 and _card(clean)["exec_noise"] == 0.0
+    a, b = ReplayBuffer.open(clean).get_episode(0), ReplayBuffer.open(noisy).get_episode(0)
+    # Same seed, same start; the executed noise moves the pusher off the clean path from step 1 on.
+    np.testing.assert_array_equal(a["state"][0], b["state"][0])
+    assert not np.allclose(a["state"][1:3], b["state"][1:3])
+    # Each stored action is what a fresh replay of the expert commands in the stored (noisy) states.
+    expert = make_expert("push_t", seed)
+    for t in range(len(b["action"])):
+        label = expert({"state": b["state"][t]}, {"steps": t})
+        np.testing.assert_allclose(label, b["action"][t], atol=1e-6)
+    with pytest.raises(ConfigError, match="exec_noise"):
+        _config("push_t", noisy, exec_noise=-0.1)
 
 
 def test_collect_images(tmp_path: Path) -> None:
