@@ -34,6 +34,7 @@ from scd_policy.training.checkpoint import (
     TrainState,
     best_success,
     ensure_new_run_folder,
+    latest_checkpoint,
     load_checkpoint,
     policy_folder,
     prepare_run_folder,
@@ -195,7 +196,12 @@ def _train(
     )
     state = TrainState(step=0, ema_updates=0, best_success=None)
     if tcfg.resume:
-        checkpoint = resumable_checkpoint(run_dir)
+        # Rank 0 alone verifies (and sets aside damaged checkpoints, repointing latest.json); the other
+        # ranks then read the pointer it left, so no two processes rename the same folder.
+        checkpoint = resumable_checkpoint(run_dir) if dist_info.is_main else None
+        barrier(dist_info)
+        if not dist_info.is_main:
+            checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             log.info("resume=true but %s has no checkpoint yet: starting from step 0", run_dir)
         else:
