@@ -148,7 +148,7 @@ class PolicyRuntime:
     the policy's); ``num_inference_steps`` K (default: the policy's); ``replan_every_step`` with
     ``ensemble_decay`` (see ``TemporalEnsembler``); ``seed`` of the per-stream noise generators (None:
     fresh entropy); ``num_threads`` for torch's CPU ops (process-wide); ``compile`` the denoiser with
-    ``torch.compile`` (see ``compile_denoiser``; the first steps then include compilation);
+    ``torch.compile`` (see ``Policy.compile_denoiser``; the first steps then include compilation);
     ``latency_window`` the number of recent per-step latencies kept in ``latencies_ms``;
     ``context_window`` the steps a causal policy attends to (default: its ``config.context_window``).
     """
