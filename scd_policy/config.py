@@ -327,6 +327,17 @@ def policy_config_from_dict(values: dict[str, Any]) -> PolicyConfig:
     return PolicyConfig(**values)
 
 
+def task_spec(name: str) -> Any:
+    """The registered task ``name`` (an ``envs.registry.TaskSpec``); an unknown one is a ``ConfigError``
+    naming it and the registered tasks."""
+    from envs.registry import get_task
+
+    try:
+        return get_task(name)
+    except KeyError as error:
+        raise ConfigError(f"task={name!r}: {error.args[0]}") from None
+
+
 def resolve_config(cfg: DictConfig, schema: type[T]) -> T:
     """A composed config resolved into its typed dataclass (``__post_init__`` validation runs);
     any bad value raises ``ConfigError`` naming it."""

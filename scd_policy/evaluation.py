@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from envs.registry import get_task, make_env
-from scd_policy.config import ConfigError, EvalConfig
+from scd_policy.config import ConfigError, EvalConfig, task_spec
 from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, load_policy
 from scd_policy.runtime import PolicyRuntime
@@ -78,6 +78,7 @@ def evaluate(
     results_path: Path | None = None,
     video_dir: Path | None = None,
     progress: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Roll out ``cfg.episodes`` episodes per seed; returns the metrics (also written to results_path).
 
@@ -152,6 +153,7 @@ def evaluate(
         "num_inference_steps": num_steps,
         "per_seed": per_seed,
         "videos": [],
+        **(extra or {}),
     }
     # The numbers first: a video that cannot be written (codec, disk) must not cost the evaluation.
     if results_path is not None:
@@ -308,10 +310,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
     task = cfg.task or str(run_cfg.get("task") or "")
     if not task:
         raise ConfigError(f"no task recorded for {policy_dir}; pass task=<name>")
-    try:
-        get_task(task)
-    except KeyError as error:
-        raise ConfigError(f"task={task!r}: {error.args[0]}") from None
+    task_spec(task)
     camera = cfg.camera or (str(run_cfg["camera"]) if run_cfg.get("camera") else None)
     policy = load_policy(policy_dir, device=cfg.device)
     log.info(
@@ -334,9 +333,8 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
         eval_cfg,
         results_path=out,
         video_dir=out.parent / f"{out.stem}_videos",
+        extra={"checkpoint": str(policy_dir)},
     )
-    results["checkpoint"] = str(policy_dir)
-    atomic_write_text(out, json.dumps(results, indent=2))
     log.info(
         "success %.1f%% (std over seeds %.1f), latency p50 %.2f ms / p90 %.2f ms per step (batch %d) -> %s",
         100 * results["success_rate"],

@@ -1,7 +1,7 @@
 """Policies: SCD and the two baselines behind one protocol (``Policy``), plus build/load helpers."""
 
 from scd_policy.policies.base import CheckpointError, Policy, StreamState, policy_class
-from scd_policy.policies.causal import CausalPolicy, StepContext
+from scd_policy.policies.causal import CausalPolicy
 from scd_policy.policies.causal_diffusion import CausalDiffusionPolicy
 from scd_policy.policies.diffusion_policy import DiffusionPolicy
 from scd_policy.policies.factory import POLICY_CLASSES, load_policy, make_policy
@@ -15,7 +15,6 @@ __all__ = [
     "DiffusionPolicy",
     "Policy",
     "SeparableCausalDiffusionPolicy",
-    "StepContext",
     "StreamState",
     "load_policy",
     "make_policy",

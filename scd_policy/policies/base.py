@@ -24,7 +24,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import safetensors.torch
 import torch
@@ -73,6 +73,9 @@ def policy_class(policy_type: str) -> type[Policy]:
 
 def registered_policies() -> dict[str, type[Policy]]:
     return dict(_REGISTRY)
+
+
+StateT = TypeVar("StateT", bound=StreamState)
 
 
 class Policy(nn.Module, ABC):
@@ -170,6 +173,12 @@ class Policy(nn.Module, ABC):
     def compile_denoiser(self) -> None:
         """``torch.compile`` the network the K-step sampling loop calls, in place (weights, state_dict
         and results unchanged); CUDA graphs (``mode="reduce-overhead"``) on CUDA."""
+
+    def own_state(self, state: StreamState, kind: type[StateT]) -> StateT:
+        """``state`` as the ``kind`` this policy's ``init_state`` makes (another policy's is refused)."""
+        if not isinstance(state, kind):
+            raise TypeError(f"{type(self).__name__} streams need the state from its init_state()")
+        return state
 
     def _compile_mode(self) -> str | None:
         return "reduce-overhead" if self._device().type == "cuda" else None

@@ -47,7 +47,6 @@ from scd_policy.policies.base import Policy, StreamState
 
 # What ``encode_step`` hands to ``sample_chunk``: SCD's context tokens c_t (B, n_ctx, D), or the
 # monolithic baseline's prepared history keys/values. Each causal policy fixes its own type.
-StepContext = Tensor | History
 ContextT = TypeVar("ContextT", Tensor, History)
 
 log = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
     def observe(
         self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
     ) -> None:
-        causal = self._own_state(state)
+        causal = self._causal_state(state)
         causal.context = self.encode_step(obs, prev_action, causal.cache, prev_valid)
 
     def sample(
@@ -146,7 +145,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        context = self._own_state(state).context
+        context = self._causal_state(state).context
         if context is None:
             raise RuntimeError("sample() before observe(): there is no step to plan for")
         if rows.numel() < self.context_streams(context):
@@ -155,10 +154,9 @@ class CausalPolicy(Policy, Generic[ContextT]):
             context, num_inference_steps=num_inference_steps, generator=generator, noise=noise
         )
 
-    def _own_state(self, state: StreamState) -> CausalStreamState[ContextT]:
-        if not isinstance(state, CausalStreamState):
-            raise TypeError(f"{type(self).__name__} streams need the state from its init_state()")
-        return state
+    def _causal_state(self, state: StreamState) -> CausalStreamState[ContextT]:
+        causal: CausalStreamState[ContextT] = self.own_state(state, CausalStreamState)
+        return causal
 
     # ------------------------------------------------------------------ streaming interface
 

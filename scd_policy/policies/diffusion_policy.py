@@ -97,7 +97,7 @@ class DiffusionPolicy(Policy):
         self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
     ) -> None:
         # A window policy only queues the observation (its encoder runs once per chunk, in sample()).
-        self._own_state(state).push(obs)
+        self.own_state(state, ObservationWindow).push(obs)
 
     def sample(
         self,
@@ -108,8 +108,9 @@ class DiffusionPolicy(Policy):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> Tensor:
-        window = self._own_state(state).window
-        if rows.numel() < self._own_state(state).length.numel():
+        own = self.own_state(state, ObservationWindow)
+        window = own.window
+        if rows.numel() < own.length.numel():
             rows_dev = rows.to(self._device())
             window = {key: value[rows_dev] for key, value in window.items()}
         return self.predict_chunk(
@@ -118,11 +119,6 @@ class DiffusionPolicy(Policy):
 
     def compile_denoiser(self) -> None:
         self.model.compile(mode=self._compile_mode())
-
-    def _own_state(self, state: StreamState) -> ObservationWindow:
-        if not isinstance(state, ObservationWindow):
-            raise TypeError(f"{type(self).__name__} streams need the state from its init_state()")
-        return state
 
     def compute_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         first = self.obs_keys[0]

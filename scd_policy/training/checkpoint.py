@@ -99,10 +99,23 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in folder.iterdir():
-        match = _STEP_NAME.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match.group(1)), path))
+        if _STEP_NAME.fullmatch(path.name) and path.is_dir():
+            found.append((checkpoint_step(path), path))
     return sorted(found)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a step folder (``step_00001000`` -> 1000)."""
+    match = _STEP_NAME.fullmatch(path.name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a step folder (expected step_<8 digits>)")
+    return int(match.group(1))
+
+
+def _point_latest(run_dir: Path, step: int) -> None:
+    atomic_write_text(
+        run_dir / CHECKPOINTS / LATEST, json.dumps({"name": checkpoint_name(step), "step": step})
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -186,7 +199,7 @@ def save_checkpoint(
         atomic_write_bytes(tmp / TRAIN_STATE, blob.getvalue())
         manifest = {RAW_WEIGHTS: sha256_file(tmp / RAW_WEIGHTS), TRAIN_STATE: sha256_file(tmp / TRAIN_STATE)}
         atomic_write_text(tmp / MANIFEST, json.dumps({"step": state.step, "sha256": manifest}, indent=2))
-    atomic_write_text(checkpoints / LATEST, json.dumps({"name": name, "step": state.step}))
+    _point_latest(run_dir, state.step)
     # Keep the newest ``keep_last`` by step number, counting the one just written; never delete it
     # or anything newer (a run folder holds one run, so nothing newer should exist).
     older = [path for step, path in list_checkpoints(run_dir) if step < state.step]
@@ -297,10 +310,7 @@ def resumable_checkpoint(run_dir: Path) -> Path | None:
             continue
         if path != latest:
             log.warning("resuming from %s, the newest intact checkpoint", path)
-            atomic_write_text(
-                run_dir / CHECKPOINTS / LATEST,
-                json.dumps({"name": path.name, "step": int(path.name.split("_")[1])}),
-            )
+            _point_latest(run_dir, checkpoint_step(path))
         return path
     raise CheckpointError(
         f"no intact checkpoint in {run_dir / CHECKPOINTS} (each damaged one is kept as step_*.corrupt); "

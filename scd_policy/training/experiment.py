@@ -8,7 +8,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from scd_policy.config import ConfigError, ExperimentConfig, config_dir, register_configs, resolve_config
+from scd_policy.config import (
+    ExperimentConfig,
+    config_dir,
+    register_configs,
+    resolve_config,
+    task_spec,
+)
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 from scd_policy.policies import Policy
 from scd_policy.training.trainer import RolloutFn, train
@@ -112,12 +118,7 @@ def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> N
     """Before the first step: the task exists and the dataset's state/action shapes fit its spaces."""
     if not cfg.task:
         return
-    from envs.registry import get_task
-
-    try:
-        spec = get_task(cfg.task)
-    except KeyError as error:
-        raise ConfigError(f"task={cfg.task!r}: {error.args[0]}") from None
+    spec = task_spec(cfg.task)
     checks = [(cfg.data.action_key, (spec.action_dim,), "action space")]
     if "state" in cfg.data.obs_keys:
         checks.append(("state", (spec.state_dim,), "state observation"))
