@@ -3,6 +3,7 @@ message naming what is wrong, a non-zero exit, no traceback — and nothing writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -93,7 +94,11 @@ def test_disk_full_during_collection_keeps_saved_episodes(tmp_path: Path) -> Non
 
 def test_disk_full_during_evaluation(trained_run: Path, tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "disk", 64 * 1024) as disk:
-        (disk / "filler").write_bytes(os.urandom(60 * 1024))
+        # Fill the disk completely, so that the results file itself cannot be written.
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as filler:
+            while True:
+                filler.write(os.urandom(4096))
+                filler.flush()
         result = run_cli(
             "scd-eval", f"checkpoint={trained_run}", f"task={TASK}", "episodes=1", "seeds=[0]", "n_envs=1",
             f"out={disk / 'eval.json'}", cwd=tmp_path,
