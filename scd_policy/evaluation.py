@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -47,7 +48,12 @@ class EnvSettings:
 
     @classmethod
     def for_policy(cls, task: str, policy: Policy, camera: str | None = None) -> EnvSettings:
-        shapes = policy.config.input_shapes
+        return cls.for_inputs(task, policy.config.input_shapes, camera)
+
+    @classmethod
+    def for_inputs(
+        cls, task: str, shapes: Mapping[str, Sequence[int]], camera: str | None = None
+    ) -> EnvSettings:
         if "image" in shapes:
             return cls(task=task, image=True, camera=camera, image_size=int(shapes["image"][-1]))
         return cls(task=task)
@@ -71,6 +77,18 @@ def _stack_obs(obs: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndar
     return {key: obs[key] for key in keys}
 
 
+class Runtime(Protocol):
+    """What a rollout drives: ``PolicyRuntime`` here, or a fleet of server sessions
+    (``scd_policy.serve.ClientFleet``)."""
+
+    latencies_ms: deque[float]
+    num_inference_steps: int
+
+    def reset(self, mask: Any = None, seed: int | None = None) -> None: ...
+
+    def step(self, obs: Mapping[str, Any]) -> np.ndarray: ...
+
+
 def evaluate(
     policy: Policy,
     settings: EnvSettings,
@@ -80,7 +98,44 @@ def evaluate(
     progress: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Roll out ``cfg.episodes`` episodes per seed; returns the metrics (also written to results_path).
+    """Roll out ``cfg.episodes`` episodes per seed through a local ``PolicyRuntime``; returns the
+    metrics (also written to results_path). See ``evaluate_runtime``."""
+
+    def open_runtime(n_envs: int, seed: int) -> Runtime:
+        return PolicyRuntime(
+            policy,
+            num_envs=n_envs,
+            n_action_steps=cfg.n_action_steps,
+            num_inference_steps=cfg.num_inference_steps,
+            seed=seed,
+        )
+
+    return evaluate_runtime(
+        open_runtime,
+        list(policy.config.input_shapes),
+        policy.config.type,
+        settings,
+        cfg,
+        results_path=results_path,
+        video_dir=video_dir,
+        progress=progress,
+        extra=extra,
+    )
+
+
+def evaluate_runtime(
+    open_runtime: Callable[[int, int], Runtime],
+    obs_keys: list[str],
+    policy_type: str,
+    settings: EnvSettings,
+    cfg: EvalConfig,
+    results_path: Path | None = None,
+    video_dir: Path | None = None,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Roll out ``cfg.episodes`` episodes per seed, the policy stepped by ``open_runtime(n_envs,
+    seed)``, a runtime whose stream i draws noise from ``stream_generator(seed, i)``.
 
     The first ``cfg.videos`` episodes of the first seed are recorded as mp4 files in ``video_dir``.
     """
@@ -98,7 +153,6 @@ def evaluate(
         )
     else:
         envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
-    obs_keys = list(policy.config.input_shapes)
     per_seed: list[dict[str, Any]] = []
     latencies: list[float] = []
     num_steps = 0  # K, as the runtime resolves it
@@ -106,13 +160,7 @@ def evaluate(
     try:
         bar = tqdm(total=cfg.episodes * len(cfg.seeds), desc=f"eval {settings.task}", disable=not progress)
         for seed in cfg.seeds:
-            runtime = PolicyRuntime(
-                policy,
-                num_envs=n_envs,
-                n_action_steps=cfg.n_action_steps,
-                num_inference_steps=cfg.num_inference_steps,
-                seed=seed,
-            )
+            runtime = open_runtime(n_envs, seed)
             outcome = _run_seed(
                 envs,
                 runtime,
@@ -139,7 +187,7 @@ def evaluate(
     lat = np.array(latencies) if latencies else np.array([np.nan])
     results: dict[str, Any] = {
         "task": settings.task,
-        "policy": policy.config.type,
+        "policy": policy_type,
         "episodes_per_seed": cfg.episodes,
         "seeds": list(cfg.seeds),
         "success_rate": float(rates.mean()),
@@ -175,7 +223,7 @@ def evaluate(
 
 def _run_seed(
     envs: gym.vector.AsyncVectorEnv | gym.vector.SyncVectorEnv,
-    runtime: PolicyRuntime,
+    runtime: Runtime,
     seed: int,
     episodes: int,
     max_steps: int,
@@ -290,6 +338,10 @@ class EvalRunConfig(EvalConfig):
     task: str | None = None  # default: the task of the run the checkpoint came from
     camera: str | None = None  # default: the camera of that run
     device: str = "cpu"
+    # Roll out through an scd-serve server instead (ws://host:port; checkpoint not needed), one session
+    # per parallel environment; token: its shared secret.
+    server: str | None = None
+    token: str | None = None
 
 
 def run_config_for(policy_dir: Path) -> dict[str, object]:
@@ -302,9 +354,14 @@ def run_config_for(policy_dir: Path) -> dict[str, object]:
 
 
 def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
-    """``scd-eval``'s work: resolve the policy folder, its task and camera, roll out, write the results."""
+    """``scd-eval``'s work: resolve the policy (a folder here, or an ``scd-serve`` server), its task and
+    camera, roll out, write the results."""
+    if cfg.server:
+        return _run_server_evaluation(cfg)
     if not cfg.checkpoint:
-        raise ConfigError("scd-eval needs checkpoint=<run folder or policy folder>")
+        raise ConfigError(
+            "scd-eval needs checkpoint=<run folder or policy folder> (or server=ws://host:port)"
+        )
     policy_dir = resolve_policy_dir(Path(cfg.checkpoint))
     run_cfg = run_config_for(policy_dir)
     task = cfg.task or str(run_cfg.get("task") or "")
@@ -321,20 +378,83 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
         cfg.episodes,
         len(cfg.seeds),
     )
-    eval_cfg = EvalConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
+    out = _results_path(cfg)
+    results = evaluate(
+        policy,
+        EnvSettings.for_policy(task, policy, camera),
+        _eval_config(cfg),
+        results_path=out,
+        video_dir=out.parent / f"{out.stem}_videos",
+        extra={"checkpoint": str(policy_dir)},
+    )
+    _log_results(results, out)
+    return results
+
+
+def _eval_config(cfg: EvalRunConfig) -> EvalConfig:
+    return EvalConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(EvalConfig)})
+
+
+def _results_path(cfg: EvalRunConfig) -> Path:
     out = Path(cfg.out)
     if out.is_dir():
         raise ConfigError(
             f"out={out} is a folder; scd-eval writes a results file, e.g. out={out / 'eval.json'}"
         )
-    results = evaluate(
-        policy,
-        EnvSettings.for_policy(task, policy, camera),
-        eval_cfg,
-        results_path=out,
-        video_dir=out.parent / f"{out.stem}_videos",
-        extra={"checkpoint": str(policy_dir)},
-    )
+    return out
+
+
+def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
+    """Roll out through ``n_envs`` sessions of an ``scd-serve`` server (its own K and chunk settings)."""
+    from scd_policy.serve.client import ClientFleet
+
+    assert cfg.server is not None
+
+    if cfg.num_inference_steps is not None or cfg.n_action_steps is not None:
+        raise ConfigError(
+            "with server=... the server decides num_inference_steps and n_action_steps; "
+            "set them on scd-serve instead"
+        )
+    n_envs = min(cfg.n_envs, cfg.episodes)
+    with ClientFleet(cfg.server, n_envs, token=cfg.token) as fleet:
+        meta = fleet.metadata
+        task = cfg.task or str(meta.get("task") or "")
+        if not task:
+            raise ConfigError(
+                f"the server at {cfg.server} does not say which task its policy is for; pass task=<name>"
+            )
+        task_spec(task)
+        shapes = {key: list(value["shape"]) for key, value in meta["observations"].items()}
+        camera = cfg.camera or meta.get("camera")
+        log.info(
+            "evaluating the %s policy served at %s on %s: %d episodes x %d seeds",
+            meta["policy_type"],
+            cfg.server,
+            task,
+            cfg.episodes,
+            len(cfg.seeds),
+        )
+
+        def open_runtime(n: int, seed: int) -> Runtime:
+            fleet.reset(seed=seed)
+            return fleet
+
+        out = _results_path(cfg)
+        results = evaluate_runtime(
+            open_runtime,
+            list(shapes),
+            str(meta["policy_type"]),
+            EnvSettings.for_inputs(task, shapes, camera),
+            _eval_config(cfg),
+            results_path=out,
+            video_dir=out.parent / f"{out.stem}_videos",
+            extra={"server": cfg.server},
+        )
+    _log_results(results, out)
+    return results
+
+
+def _log_results(results: dict[str, Any], out: Path) -> None:
     log.info(
         "success %.1f%% (std over seeds %.1f), latency p50 %.2f ms / p90 %.2f ms per step (batch %d) -> %s",
         100 * results["success_rate"],
@@ -344,4 +464,3 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
         results["latency_batch"],
         out,
     )
-    return results

@@ -55,6 +55,8 @@ __all__ = [
     "PolicyRuntime",
     "SCDPolicy",
     "TemporalEnsembler",
+    "TickResult",
+    "step_sessions",
     "stream_generator",
 ]
 
@@ -291,6 +293,10 @@ class PolicyRuntime:
         batched_input, tensors = self._check_obs(obs)
         self.policy.observe(self._state, tensors, self._prev_action, self._prev_valid)
         self._replan()
+        return self._emit(start, batched_input)
+
+    def _emit(self, start: float, batched_input: bool) -> npt.NDArray[np.float32]:
+        """The tick's actions from the queues: checked, fed back as the next previous actions, timed."""
         action = self._pop_action()
         bad = ~torch.isfinite(action).all(dim=1)
         if bool(bad.any()):
@@ -335,7 +341,7 @@ class PolicyRuntime:
 
     def _replan(self) -> None:
         """Sample new chunks for the streams whose queue is used up, and only for those."""
-        rows = (self._queue_pos >= self.n_action_steps).nonzero().flatten()  # (R,) on CPU
+        rows = self._needs_chunk()  # (R,) on CPU
         if rows.numel() == 0:
             return
         if self._per_stream_sampling:
@@ -344,11 +350,23 @@ class PolicyRuntime:
             )
         else:
             # Start noise drawn stream by stream from each stream's generator, then one batched call.
-            shape = (1, self.config.horizon, self._action_dim)
-            noise = torch.cat(
-                [torch.randn(shape, generator=self._generators[int(r)], dtype=self.dtype) for r in rows]
-            )
-            chunk = self._sample(rows, noise.to(self.device), None)
+            chunk = self._sample(rows, self._start_noise(rows), None)
+        self._store_chunk(rows, chunk)
+
+    def _needs_chunk(self) -> Tensor:
+        """The streams (CPU indices) whose queue is used up."""
+        return (self._queue_pos >= self.n_action_steps).nonzero().flatten()
+
+    def _start_noise(self, rows: Tensor) -> Tensor:
+        """One (H, Da) start noise per stream of ``rows``, each from that stream's own generator."""
+        shape = (1, self.config.horizon, self._action_dim)
+        noise = torch.cat(
+            [torch.randn(shape, generator=self._generators[int(r)], dtype=self.dtype) for r in rows]
+        )
+        return noise.to(self.device)
+
+    def _store_chunk(self, rows: Tensor, chunk: Tensor) -> None:
+        """Queue the new chunks (R, H', Da) of the streams ``rows`` (R,) for execution from this tick."""
         # The chunk from the current tick on (diffusion_policy's chunk starts n_obs_steps - 1 ticks back).
         chunk = chunk[:, chunk.shape[1] - self.chunk_len :]  # (R, chunk_len, Da)
         rows_dev = rows.to(self.device)
@@ -463,6 +481,67 @@ class PolicyRuntime:
                 "[0, 1] (pass 0..255 images as uint8, or in HWC layout)"
             )
         return array.astype(np.float32, copy=False)
+
+
+TickResult = npt.NDArray[np.float32] | ObservationError | PolicyOutputError
+
+
+@torch.inference_mode()
+def step_sessions(
+    runtimes: Sequence[PolicyRuntime], observations: Sequence[Mapping[str, ObsValue]]
+) -> list[TickResult]:
+    """One control tick of several single-stream runtimes that share one policy (a server's sessions),
+    in one batched encoder call and one batched decoder run (``Policy.observe_many`` / ``sample_many``).
+
+    Runtime i gets observations[i] and ends as its own ``step`` would leave it: same queue, previous
+    action and generator state, the same action up to floating-point summation order (bit for bit when
+    only one runtime ticks). Returns, per runtime, its action (Da,) or the error its own ``step`` would
+    have raised, so that one session's bad observation never fails another's tick.
+    """
+    if len(runtimes) != len(observations):
+        raise ValueError(f"{len(runtimes)} runtimes but {len(observations)} observations")
+    start = time.perf_counter()
+    results: list[TickResult | None] = [None] * len(runtimes)
+    live: list[tuple[int, PolicyRuntime, bool, dict[str, Tensor]]] = []
+    for index, (runtime, obs) in enumerate(zip(runtimes, observations, strict=True)):
+        if runtime.num_envs != 1 or runtime.policy is not runtimes[0].policy:
+            raise ValueError("step_sessions batches single-stream runtimes (num_envs=1) of one policy")
+        if runtime.num_inference_steps != runtimes[0].num_inference_steps:
+            raise ValueError("step_sessions needs one num_inference_steps for every runtime")
+        try:
+            batched_input, tensors = runtime._check_obs(obs)
+        except ObservationError as error:
+            results[index] = error
+            continue
+        live.append((index, runtime, batched_input, tensors))
+    if live:
+        policy = live[0][1].policy
+        states = [runtime._state for _, runtime, _, _ in live]
+        policy.observe_many(
+            states,
+            {key: torch.cat([tensors[key] for *_, tensors in live]) for key in live[0][3]},
+            torch.cat([runtime._prev_action for _, runtime, _, _ in live]),
+            torch.cat([runtime._prev_valid for _, runtime, _, _ in live]),
+        )
+        planning = [runtime for _, runtime, _, _ in live if runtime._needs_chunk().numel()]
+        first = torch.zeros(1, dtype=torch.long)
+        if planning and planning[0]._per_stream_sampling:
+            for runtime in planning:
+                runtime._store_chunk(first, runtime._sample(first, None, runtime._generators[0]))
+        elif planning:
+            chunks = policy.sample_many(
+                [runtime._state for runtime in planning],
+                noise=torch.cat([runtime._start_noise(first) for runtime in planning]),
+                num_inference_steps=planning[0].num_inference_steps,
+            )
+            for row, runtime in enumerate(planning):
+                runtime._store_chunk(first, chunks[row : row + 1])
+        for index, runtime, batched_input, _ in live:
+            try:
+                results[index] = runtime._emit(start, batched_input)
+            except PolicyOutputError as error:
+                results[index] = error
+    return [result for result in results if result is not None]
 
 
 # The name earlier releases gave the runtime (``from scd_policy import SCDPolicy`` keeps working).

@@ -3,7 +3,7 @@
 from scd_policy.models.causal_dit import CausalDiffusionTransformer, History
 from scd_policy.models.decoder import DiffusionDecoder
 from scd_policy.models.encoder import CausalEncoder
-from scd_policy.models.kv_cache import KVCache, StepPlan
+from scd_policy.models.kv_cache import KVCache, StackedCache, StepCache, StepPlan
 from scd_policy.models.tokenizer import ConvImageEncoder, StepTokenizer
 from scd_policy.models.windowed_dit import WindowedDiffusionTransformer
 
@@ -14,6 +14,8 @@ __all__ = [
     "DiffusionDecoder",
     "History",
     "KVCache",
+    "StackedCache",
+    "StepCache",
     "StepPlan",
     "StepTokenizer",
     "WindowedDiffusionTransformer",

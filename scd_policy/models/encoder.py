@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.kv_cache import KVCache, StepCache
 from scd_policy.models.layers import Block
 
 
@@ -42,7 +42,7 @@ class CausalEncoder(nn.Module):
     def new_cache(self, max_steps: int | None) -> KVCache:
         return KVCache(len(self.blocks), max_steps)
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, cache: StepCache | None = None) -> Tensor:
         """tokens (B, T, S, D) of T new steps -> contexts (B, T, n_context_tokens, D).
 
         With a cache the new steps attend to its (valid, retained) steps and are then appended to it.

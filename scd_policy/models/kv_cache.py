@@ -5,7 +5,8 @@ steps to every stream, so all streams share one length (``n_steps``). A stream c
 on its own: ``reset(streams)`` marks that stream's cached steps invalid, and attention masks them out,
 which is exactly equivalent to the stream having no history (softmax over the remaining keys, and RoPE
 scores depend only on relative positions). A runtime that would rather not carry masked steps keeps
-one cache per environment (B = 1).
+one cache per environment (B = 1); ``StackedCache`` runs one batched call over several such caches
+(a policy server's sessions, each at its own step).
 
 Sliding window (``max_steps`` = N). Every layer of a step attends to the last N steps (its own
 included): sliding-window attention, as in Mistral. Keys are stored *already rotated* to their step's
@@ -35,7 +36,9 @@ re-allocated before it is written.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -50,7 +53,9 @@ _MIN_CAPACITY = 64
 class StepPlan:
     """What the layers of one call need: rotations for the new tokens, and the mask."""
 
-    rope: tuple[Tensor, Tensor]  # for the new tokens at their absolute steps, (1, N_new, head_dim)
+    # For the new tokens at their absolute steps: (1, N_new, head_dim), or (R, 1, N_new, head_dim) per
+    # row (StackedCache).
+    rope: tuple[Tensor, Tensor]
     mask: Tensor | None  # bool (B, 1, N_new, M + N_new); None when every key is visible to every query
     n_old_steps: int
     n_new_steps: int
@@ -245,3 +250,80 @@ class KVCache:
 
         self._k, self._v = moved(self._k), moved(self._v)
         self._start, self._end, self._shared = 0, kept, False
+
+
+class StepCache(Protocol):
+    """What a causal stack needs from a cache for one call that appends steps (``KVCache``,
+    ``StackedCache``): ``begin`` -> every layer's ``extend`` -> ``commit``."""
+
+    def begin(
+        self, n_new_steps: int, tokens_per_step: int, batch_size: int, head_dim: int, device: torch.device
+    ) -> StepPlan: ...
+
+    def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def commit(self, plan: StepPlan) -> None: ...
+
+
+class StackedCache:
+    """One batched call over R separate single-stream caches, e.g. a policy server's sessions, which
+    tick at their own pace and so cannot share one cache (a ``KVCache`` advances all its streams
+    together).
+
+    Every cache keeps its own steps, numbering and window; the call appends the same number of steps
+    to each. Row i attends to cache i's kept tokens, right-aligned next to the new tokens and padded
+    (masked out) at the front to the longest of them, with RoPE at cache i's own step numbers (per-row
+    tables, (R, 1, N_new, head_dim)). Scores depend only on relative steps and padding is masked, so row
+    i computes what cache i alone would, up to floating-point summation order.
+    """
+
+    def __init__(self, caches: Sequence[KVCache]) -> None:
+        if not caches:
+            raise ValueError("StackedCache needs at least one cache")
+        for cache in caches:
+            if cache.batch_size not in (None, 1):
+                raise ValueError(f"StackedCache stacks single-stream caches; got one of {cache.batch_size}")
+        self.caches = list(caches)
+        self._plans: list[StepPlan] = []
+        self._kept: list[int] = []  # tokens each cache holds before this call
+        self._width = 0  # the longest of them: the padded prefix length
+
+    def begin(
+        self, n_new_steps: int, tokens_per_step: int, batch_size: int, head_dim: int, device: torch.device
+    ) -> StepPlan:
+        if batch_size != len(self.caches):
+            raise ValueError(f"a call with {batch_size} streams over {len(self.caches)} stacked caches")
+        self._plans = [
+            cache.begin(n_new_steps, tokens_per_step, 1, head_dim, device) for cache in self.caches
+        ]
+        self._kept = [plan.n_old_steps * tokens_per_step for plan in self._plans]
+        self._width = width = max(self._kept)
+        n_new = n_new_steps * tokens_per_step
+        cos = torch.stack([plan.rope[0] for plan in self._plans])  # (R, 1, N_new, hd)
+        sin = torch.stack([plan.rope[1] for plan in self._plans])
+        mask: Tensor | None = None
+        if any(kept != width for kept in self._kept) or any(plan.mask is not None for plan in self._plans):
+            mask = torch.zeros(batch_size, 1, n_new, width + n_new, dtype=torch.bool, device=device)
+            for row, (plan, kept) in enumerate(zip(self._plans, self._kept, strict=True)):
+                if plan.mask is None:
+                    mask[row, :, :, width - kept :] = True
+                else:
+                    mask[row, :, :, width - kept :] = plan.mask[0]
+        return StepPlan(rope=(cos, sin), mask=mask, n_old_steps=width, n_new_steps=n_new_steps)
+
+    def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Hand row i's new keys/values (R, heads, N_new, hd) to cache i; return every row's kept + new
+        tokens, padded at the front to the same length (R, heads, width + N_new, hd)."""
+        r, h, n_new, d = keys.shape
+        keys_all = keys.new_zeros(r, h, self._width + n_new, d)
+        values_all = values.new_zeros(r, h, self._width + n_new, d)
+        for row, (cache, kept) in enumerate(zip(self.caches, self._kept, strict=True)):
+            k, v = cache.extend(layer, keys[row : row + 1], values[row : row + 1])  # (1, h, kept + N_new, hd)
+            keys_all[row, :, self._width - kept :] = k[0]
+            values_all[row, :, self._width - kept :] = v[0]
+        return keys_all, values_all
+
+    def commit(self, plan: StepPlan) -> None:
+        for cache, own in zip(self.caches, self._plans, strict=True):
+            cache.commit(own)
+        self._plans = []

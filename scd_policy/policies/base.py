@@ -11,7 +11,9 @@ the statistics travel in the state_dict). Everything a trainer, an evaluator or 
   creates and that knows how to reset and measure itself: ``init_state(num_streams)``,
   ``observe(state, obs, prev_action, prev_valid)`` once per control tick, ``sample(state, rows)`` for
   the streams that replan, and ``compile_denoiser()`` for the network the K-step loop calls. A runtime
-  needs nothing else, so a new policy type plugs in without touching it.
+  needs nothing else, so a new policy type plugs in without touching it. ``observe_many`` /
+  ``sample_many`` do the same for several separate single-stream states at once (a policy server's
+  sessions, each ticking at its own pace); by default one call per state, batched where a policy can.
 - ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json`` (resolved
   config, normaliser layout, policy type, format version); no pickle.
 """
@@ -168,6 +170,38 @@ class Policy(nn.Module, ABC):
     ) -> Tensor:
         """The action chunks (R, H, Da) in raw units of the streams ``rows`` (R,) (CPU indices) at their
         last observed step; ``noise`` (R, H, Da) or ``generator`` as in ``predict_chunk``."""
+
+    def observe_many(
+        self,
+        states: Sequence[StreamState],
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_valid: Tensor,
+    ) -> None:
+        """``observe`` for R separate single-stream states at once: row i of obs[key] (R, *shape),
+        prev_action (R, Da) and prev_valid (R,) is states[i]'s step. Each state ends exactly as its own
+        ``observe`` would leave it, up to floating-point summation order where the policy batches.
+        Default: one ``observe`` per state."""
+        for row, state in enumerate(states):
+            self.observe(
+                state,
+                {key: value[row : row + 1] for key, value in obs.items()},
+                prev_action[row : row + 1],
+                prev_valid[row : row + 1],
+            )
+
+    def sample_many(
+        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+    ) -> Tensor:
+        """``sample`` for R separate single-stream states at once, from the start noise (R, H, Da)
+        (row i for states[i]); returns (R, H, Da) raw. Default: one ``sample`` per state."""
+        first = torch.zeros(1, dtype=torch.long)
+        return torch.cat(
+            [
+                self.sample(state, first, num_inference_steps=num_inference_steps, noise=noise[row : row + 1])
+                for row, state in enumerate(states)
+            ]
+        )
 
     @abstractmethod
     def compile_denoiser(self) -> None:

@@ -40,7 +40,7 @@ from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
 from scd_policy.conventions import ACTION_KEY
 from scd_policy.models.causal_dit import History
-from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.kv_cache import KVCache, StepCache
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.models.tokenizer import StepTokenizer
 from scd_policy.policies.base import Policy, StreamState
@@ -107,7 +107,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         """An empty cache shaped for this policy's causal stack."""
 
     @abstractmethod
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> ContextT:
+    def encode_tokens(self, tokens: Tensor, cache: StepCache) -> ContextT:
         """Append step tokens (B, T, S, D) to the cache; return the context of the last new step."""
 
     @abstractmethod
@@ -180,7 +180,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         obs: Mapping[str, Tensor],
         prev_action: Tensor,
         prev_action_valid: Tensor,
-        cache: KVCache,
+        cache: StepCache,
     ) -> ContextT:
         """Append T steps (obs (B, T, *shape), prev_action (B, T, Da) raw, validity (B, T)) to ``cache``;
         return the context of the last one."""
@@ -190,7 +190,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         self,
         obs: Mapping[str, Tensor],
         prev_action: Tensor | None,
-        cache: KVCache,
+        cache: StepCache,
         prev_action_valid: Tensor | None = None,
     ) -> ContextT:
         """One control step for B streams: obs[key] (B, *shape), prev_action (B, Da) raw or None."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
 from scd_policy.models.causal_dit import CausalDiffusionTransformer, History
-from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.kv_cache import KVCache, StepCache
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies.base import masked_mse
 from scd_policy.policies.causal import CausalPolicy
@@ -44,7 +44,11 @@ class CausalDiffusionPolicy(CausalPolicy[History]):
     def new_cache(self, max_steps: int | None) -> KVCache:
         return self.model.new_cache(max_steps)
 
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> History:
+    def encode_tokens(self, tokens: Tensor, cache: StepCache) -> History:
+        # Its context is the cache itself (a History view), so it encodes one cache at a time; several
+        # sessions' states go through the protocol's one-state-at-a-time default.
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"causal_diffusion encodes into one KVCache; got {type(cache).__name__}")
         self.model.encode(tokens, cache)
         return History.from_cache(cache)
 

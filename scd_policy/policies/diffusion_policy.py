@@ -13,7 +13,7 @@ as for the causal policies, so every policy sees the same number of noise draws 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -116,6 +116,14 @@ class DiffusionPolicy(Policy):
         return self.predict_chunk(
             window, num_inference_steps=num_inference_steps, generator=generator, noise=noise
         )
+
+    def sample_many(
+        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+    ) -> Tensor:
+        # The states' windows side by side: one batched denoising run.
+        windows = [self.own_state(state, ObservationWindow).window for state in states]
+        window = {key: torch.cat([w[key] for w in windows]) for key in windows[0]}
+        return self.predict_chunk(window, num_inference_steps=num_inference_steps, noise=noise)
 
     def compile_denoiser(self) -> None:
         self.model.compile(mode=self._compile_mode())

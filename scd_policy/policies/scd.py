@@ -14,11 +14,13 @@ form their own AdamW groups at ``lr * decoder_lr_scale``.
 
 Streaming (see ``scd_policy.policies.causal``): ``encode_step`` = one encoder call (L_enc layers) on the
 new step; ``sample_chunk`` = K decoder calls (K * L_dec layers), independent of the history length.
+``observe_many`` / ``sample_many`` batch that over separate single-stream states (a server's sessions):
+one encoder call over their ``StackedCache`` and one decoder run over their contexts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -27,9 +29,9 @@ from scd_policy import diffusion
 from scd_policy.config import PolicyConfig
 from scd_policy.models.decoder import DiffusionDecoder
 from scd_policy.models.encoder import CausalEncoder
-from scd_policy.models.kv_cache import KVCache
+from scd_policy.models.kv_cache import KVCache, StackedCache, StepCache
 from scd_policy.models.normalizer import Normalizer
-from scd_policy.policies.base import masked_mse
+from scd_policy.policies.base import StreamState, masked_mse
 from scd_policy.policies.causal import CausalPolicy
 
 
@@ -63,9 +65,35 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     def new_cache(self, max_steps: int | None) -> KVCache:
         return self.encoder.new_cache(max_steps)
 
-    def encode_tokens(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def encode_tokens(self, tokens: Tensor, cache: StepCache) -> Tensor:
         context: Tensor = self.encoder(tokens, cache)  # (B, T, n_ctx, D)
         return context[:, -1]
+
+    def observe_many(
+        self,
+        states: Sequence[StreamState],
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_valid: Tensor,
+    ) -> None:
+        # One encoder call over the states' own caches (each keeps its own steps and window).
+        if len(states) == 1:  # the single-stream path itself, bit for bit
+            self.observe(states[0], obs, prev_action, prev_valid)
+            return
+        owned = [self._causal_state(state) for state in states]
+        context = self.encode_step(obs, prev_action, StackedCache([s.cache for s in owned]), prev_valid)
+        for row, state in enumerate(owned):
+            state.context = context[row : row + 1]  # (1, n_ctx, D)
+
+    def sample_many(
+        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+    ) -> Tensor:
+        # One decoder run over the states' contexts side by side.
+        contexts = [self._causal_state(state).context for state in states]
+        if any(context is None for context in contexts):
+            raise RuntimeError("sample_many() before observe(): a state has no step to plan for")
+        context = torch.cat([c for c in contexts if c is not None])  # (R, n_ctx, D)
+        return self.sample_chunk(context, num_inference_steps=num_inference_steps, noise=noise)
 
     def context_streams(self, context: Tensor) -> int:
         return int(context.shape[0])
