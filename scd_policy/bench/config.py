@@ -7,14 +7,16 @@ from typing import Any
 
 from scd_policy.config import POLICY_TYPES, ConfigError
 
-SUITES = ("latency", "throughput", "context", "train", "all")
+SUITES = ("latency", "throughput", "context", "train", "serve", "all")
+# What suite=all runs: the policy suites (serve starts server processes and runs on its own).
+ALL_SUITES = ("latency", "throughput", "context", "train")
 
 
 @dataclass
 class BenchConfig:
     """What to measure and how long. ``quick`` swaps in small grids and few rounds (< 1 min on a CPU)."""
 
-    suite: str = "latency"  # latency | throughput | context | train | all
+    suite: str = "latency"  # latency | throughput | context | train | serve | all (all but serve)
     out: str = "bench"  # folder for results.json, results.md and the plots
     quick: bool = False
     size: str = "small"  # size preset under configs/size/ (on the command line: the `size` config group)
@@ -35,6 +37,10 @@ class BenchConfig:
     open_loop_steps: int = 8  # n_action_steps of the open-loop mode
     train_batch: int = 32
     train_rounds: int = 8
+    # serve: concurrent sessions of a lockstep fleet, ticks per round, rounds (scd only)
+    serve_sessions: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    serve_ticks: int = 16
+    serve_rounds: int = 5
     state_dim: int = 10
     action_dim: int = 4
     seed: int = 0
@@ -45,11 +51,19 @@ class BenchConfig:
         unknown = sorted(set(self.policies) - set(POLICY_TYPES))
         if unknown or not self.policies:
             raise ConfigError(f"policies={self.policies}: expected a non-empty subset of {POLICY_TYPES}")
-        for name in ("ks", "histories", "context_histories"):
+        for name in ("ks", "histories", "context_histories", "serve_sessions"):
             values = getattr(self, name)
             if not values or min(values) < 1:
                 raise ConfigError(f"{name}={values}: expected a non-empty list of integers >= 1")
-        for name in ("rounds", "throughput_batch", "throughput_rounds", "open_loop_steps", "train_batch"):
+        for name in (
+            "rounds",
+            "throughput_batch",
+            "throughput_rounds",
+            "open_loop_steps",
+            "train_batch",
+            "serve_ticks",
+            "serve_rounds",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.threads < 1:
@@ -75,6 +89,9 @@ class BenchConfig:
                 "throughput_rounds": min(self.throughput_rounds, 2),
                 "train_batch": min(self.train_batch, 4),
                 "train_rounds": min(self.train_rounds, 2),
+                "serve_sessions": sorted({min(self.serve_sessions), min(max(self.serve_sessions), 4)}),
+                "serve_ticks": min(self.serve_ticks, 8),
+                "serve_rounds": min(self.serve_rounds, 2),
                 "quick": False,
             }
         )

@@ -12,6 +12,7 @@ log = logging.getLogger("scd_policy.bench")
 
 Row = dict[str, Any]
 POLICY_ORDER = ("scd", "causal_diffusion", "diffusion_policy")
+MODE_ORDER = ("local", "served_unbatched", "served_batched")  # the serve suite's rows
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -27,7 +28,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 def _ordered(rows: Sequence[Row]) -> list[Row]:
     def key(row: Row) -> tuple[Any, ...]:
         policy = POLICY_ORDER.index(row["policy"]) if row["policy"] in POLICY_ORDER else 99
-        return (row["suite"], row["mode"], row["K"] or 0, row["history"], row["batch"], policy)
+        return (row["suite"], row["mode"], row["K"] or 0, row["history"] or 0, row["batch"], policy)
 
     return sorted(rows, key=key)
 
@@ -52,7 +53,22 @@ def markdown(results: dict[str, Any], command: str) -> str:
     for suite in dict.fromkeys(r["suite"] for r in rows):
         part = [r for r in rows if r["suite"] == suite]
         lines += [f"## {suite}", ""]
-        if suite == "train":
+        if suite == "serve":
+            lines += [
+                "n sessions in lockstep, one action per session per tick; latency: the client's round "
+                "trip (local: one runtime's step). speedup: actions/s over served_unbatched at the same n.",
+                "",
+                "| mode | sessions | K | actions/s | speedup vs unbatched | p50 ms | p99 ms "
+                "| p99 vs 1 session |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sorted(part, key=lambda r: (r["batch"], MODE_ORDER.index(r["mode"]))):
+                lines.append(
+                    f"| {r['mode']} | {r['batch']} | {r['K']} | {_fmt(r['actions_per_s'], 1)} | "
+                    f"{_fmt(r['speedup_vs_unbatched'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
+                    f"{_fmt(r['p99_vs_single'])} |"
+                )
+        elif suite == "train":
             lines += [
                 "| policy | batch | ms/step p50 | p90 | samples/s | chunks/sample | ratio_vs_scd "
                 "| peak MiB |",
@@ -175,6 +191,26 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         path = out / "context.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    serve = [r for r in rows if r["suite"] == "serve"]
+    if serve:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for mode in MODE_ORDER:
+            part = sorted((r for r in serve if r["mode"] == mode), key=lambda r: r["batch"])
+            sessions = [r["batch"] for r in part]
+            axes[0].plot(sessions, [r["actions_per_s"] for r in part], marker="o", label=mode)
+            axes[1].plot(sessions, [r["p99_ms"] for r in part], marker="o", label=mode)
+        axes[0].set(xscale="log", yscale="log", xlabel="sessions", ylabel="actions/s (all sessions)")
+        axes[1].set(xscale="log", yscale="log", xlabel="sessions", ylabel="p99 latency per action (ms)")
+        for ax in axes:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        axes[0].set_title("Serving a lockstep fleet: throughput")
+        axes[1].set_title("... and tail latency")
+        path = out / "serve.png"
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

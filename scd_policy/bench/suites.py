@@ -1,4 +1,4 @@
-"""The four suites. Each returns rows (one per policy and setting) for ``results.json``.
+"""The suites. Each returns rows (one per policy and setting) for ``results.json``.
 
 - ``latency``: per-control-step latency at batch 1 through ``PolicyRuntime.step()``, replanning at every tick
   (every tick pays the K denoiser calls), over K and history length; plus the open-loop mode's mean
@@ -7,6 +7,8 @@
 - ``context``: K = 1 and K = ``context_k`` over longer histories; the difference gives each policy's cost
   per denoising step as a function of the history length (flat for SCD).
 - ``train``: optimizer steps (``compute_loss`` + backward + AdamW) per second on synthetic batches.
+- ``serve`` (``serve_suite.py``): n sessions through ``scd-serve`` with and without cross-session
+  batching, against n local runtimes.
 
 History length h = the number of steps already in the causal policies' context: the runtime is primed
 with h ticks (at K = 1, through ``step()``), and the policy's ``context_window`` is h + 1, so the cache
@@ -25,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from scd_policy.bench.config import SUITES, BenchConfig
+from scd_policy.bench.config import ALL_SUITES, BenchConfig
 from scd_policy.bench.measure import interleaved, peak_memory_mb, summary, synchronize
+from scd_policy.bench.serve_suite import serve_suite
 from scd_policy.bench.setup import (
     build_policy,
     context_window_for,
@@ -34,6 +37,7 @@ from scd_policy.bench.setup import (
     random_observation,
     training_batch,
 )
+from scd_policy.config import ConfigError
 from scd_policy.policies import Policy
 from scd_policy.runtime import PolicyRuntime
 
@@ -181,6 +185,25 @@ class Bench:
                     row["per_denoise_step_ms"] = (row["p50_ms"] - one["p50_ms"]) / (cfg.context_k - 1)
         return rows
 
+    def serve(self) -> list[Row]:
+        if "scd" not in self.policies:
+            raise ConfigError("suite=serve measures scd: include it in policies")
+        cfg = self.cfg
+        return serve_suite(
+            self.policies["scd"],
+            cfg.serve_sessions,
+            cfg.serve_ticks,
+            cfg.serve_rounds,
+            min(cfg.warmup, 1),
+            cfg.threads,
+            self._fleet_observation,
+            self.common,
+        )
+
+    def _fleet_observation(self, num_envs: int) -> dict[str, Any]:
+        obs = self._observation(num_envs)
+        return obs if num_envs > 1 else {key: value[None] for key, value in obs.items()}
+
     # ------------------------------------------------------------------ training
 
     def train(self) -> list[Row]:
@@ -262,7 +285,7 @@ def run_suites(
     try:
         bench = Bench(cfg)
         log.info("parameters: %s", ", ".join(f"{k}={v:,}" for k, v in bench.params.items()))
-        suites = [s for s in SUITES if s != "all"] if cfg.suite == "all" else [cfg.suite]
+        suites = list(ALL_SUITES) if cfg.suite == "all" else [cfg.suite]
         rows: list[Row] = []
         results: dict[str, Any] = {"environment": environment(cfg), "params": bench.params, "rows": rows}
         for suite in suites:

@@ -6,7 +6,7 @@ its new observation each tick. Slots are made on first use and reused, so memory
 many clients come and go.
 
 Batching across sessions: requests wait in one queue; the batcher takes the first, then collects more
-for up to ``batch_window_ms`` (or until every connected session has a request waiting), and runs them
+for up to ``batch_window_ms`` (or until every session of the last two ticks has a request in), and runs them
 as one tick of ``step_sessions``: one encoder call and one decoder run for all of them, on a single
 worker thread (the event loop keeps reading and writing sockets meanwhile). Each session gets the
 actions it would get alone (``step_sessions``), and a bad request fails only its own reply.
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -61,7 +62,9 @@ class ServeOptions:
     max_message_bytes: int = 8 * 1024 * 1024
     idle_timeout_s: float = 300.0  # a session silent this long is closed and its slot freed
     token: str | None = None  # shared secret; clients send "Authorization: Bearer <token>"
-    batch_window_ms: float = 2.0  # how long a tick waits for more sessions' requests
+    # How long a tick waits for the requests of the sessions that ticked lately (a lockstep fleet's
+    # requests arrive spread over a few ms); it stops waiting as soon as they are all in.
+    batch_window_ms: float = 5.0
     batching: bool = True  # False: every request is its own tick (the unbatched baseline)
     seed: int = 0  # a new session's noise seed until it resets with its own
     n_action_steps: int | None = None  # runtime options for every session (default: the policy's)
@@ -101,6 +104,11 @@ class PolicyServer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scd-serve-policy")
         self._server: Server | None = None
         self.ticks = 0  # batched ticks run (for the benchmark and the logs)
+        self._connected: set[int] = set()  # id() of the runtimes of open sessions
+        # The sessions of the last two ticks: who a tick waits for. A lockstep fleet is in every tick,
+        # a straggler that missed one is waited for in the next, and a session that stopped stepping
+        # (connected but idle) stops holding ticks back after two of them.
+        self._recent: deque[set[int]] = deque(maxlen=2)
         probe = self._new_runtime()
         self._free.append(probe)
         self.metadata = self._describe(probe)
@@ -222,6 +230,7 @@ class PolicyServer:
             return
         runtime = self._free.pop() if self._free else self._new_runtime()
         self._sessions += 1
+        self._connected.add(id(runtime))
         session = self._next_session
         self._next_session += 1
         self._start_episode(runtime, self.options.seed, 0)
@@ -248,6 +257,7 @@ class PolicyServer:
             pass
         finally:
             self._sessions -= 1
+            self._connected.discard(id(runtime))
             self._free.append(runtime)
             log.info("session %d closed (%d open)", session, self._sessions)
 
@@ -284,6 +294,10 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ the batcher
 
+    def _expected_batch(self) -> int:
+        recent = set().union(*self._recent) & self._connected
+        return max(len(recent), 1)
+
     async def _run_batches(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
@@ -291,7 +305,8 @@ class PolicyServer:
             batch = [await self._queue.get()]
             if self.options.batching:
                 deadline = loop.time() + self.options.batch_window_ms / 1000.0
-                while len(batch) < self._sessions:
+                expected = self._expected_batch()
+                while len(batch) < expected:
                     try:
                         batch.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
                     except TimeoutError:
@@ -302,6 +317,7 @@ class PolicyServer:
             )
             done = time.perf_counter()
             self.ticks += 1
+            self._recent.append({id(r.runtime) for r in batch})
             for request, result in zip(batch, results, strict=True):
                 timing = {
                     "queue_ms": 1000.0 * (started - request.arrived),
