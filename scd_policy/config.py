@@ -279,6 +279,12 @@ class EvalConfig:
     max_steps: int | None = None  # None: the task's own episode limit
     num_inference_steps: int | None = None  # override K at inference
     n_action_steps: int | None = None  # override the open-loop execution length
+    # Execution (scd_policy.execution): replan at every tick with temporal ensembling; the latency
+    # budget in ticks (a chunk planned at tick t is used from t + latency_ticks on: an injected delay);
+    # how the next chunk takes over in open loop ("switch" or "blend").
+    replan_every_step: bool = False
+    latency_ticks: int = 0
+    seam: str = "switch"
     videos: int = 2  # episodes recorded as mp4 (0: none)
     video_size: int = 128
 
@@ -288,6 +294,8 @@ class EvalConfig:
         _require(self.n_envs >= 1, "eval.n_envs must be >= 1")
         _require(self.max_steps is None or self.max_steps >= 1, "eval.max_steps must be >= 1")
         _require(self.videos >= 0 and self.video_size >= 16, "eval.videos >= 0 and eval.video_size >= 16")
+        _require(self.latency_ticks >= 0, "eval.latency_ticks must be >= 0")
+        _require(self.seam in ("switch", "blend"), f"eval.seam={self.seam!r}: expected 'switch' or 'blend'")
 
 
 @dataclass

@@ -108,6 +108,9 @@ def evaluate(
             n_action_steps=cfg.n_action_steps,
             num_inference_steps=cfg.num_inference_steps,
             seed=seed,
+            replan_every_step=cfg.replan_every_step,
+            latency_ticks=cfg.latency_ticks,
+            seam=cfg.seam,
         )
 
     return evaluate_runtime(
@@ -194,11 +197,18 @@ def evaluate_runtime(
         "success_rate_std": float(rates.std()),
         "mean_return": float(np.mean([s["mean_return"] for s in per_seed])),
         "mean_episode_length": float(np.mean([s["mean_episode_length"] for s in per_seed])),
+        "action_jerk": float(np.mean([s["action_jerk"] for s in per_seed])),
+        "max_action_jump": float(np.mean([s["max_action_jump"] for s in per_seed])),
         **_metric_summary(per_seed, spec.episode_metrics),
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p90": float(np.percentile(lat, 90)),
         "latency_batch": n_envs,
         "num_inference_steps": num_steps,
+        "execution": {
+            "replan_every_step": cfg.replan_every_step,
+            "latency_ticks": cfg.latency_ticks,
+            "seam": cfg.seam,
+        },
         "per_seed": per_seed,
         "videos": [],
         **(extra or {}),
@@ -247,6 +257,9 @@ def _run_seed(
     episode_returns: list[float] = []
     episode_lengths: list[int] = []
     frames: dict[int, list[np.ndarray]] = {}
+    executed: list[list[np.ndarray]] = [[] for _ in range(n_envs)]  # this episode's actions, per env
+    episode_jerk: list[float] = []
+    episode_jump: list[float] = []
 
     def start(mask: np.ndarray) -> dict[str, np.ndarray]:
         nonlocal next_episode
@@ -260,6 +273,8 @@ def _run_seed(
                 episode_of[env_id] = -1
         returns[mask] = 0.0
         lengths[mask] = 0
+        for env_id in np.flatnonzero(mask):
+            executed[env_id] = []
         best[mask] = -np.inf
         latest[mask] = 0.0
         obs, _ = envs.reset(seed=seeds, options={"reset_mask": mask})
@@ -273,6 +288,8 @@ def _run_seed(
             frames.setdefault(int(episode_of[0]), []).append(frame)
         actions = runtime.step(_stack_obs(obs, obs_keys))
         obs, reward, terminated, truncated, info = envs.step(actions)
+        for env, action in zip(executed, np.asarray(actions, dtype=np.float64), strict=True):
+            env.append(action)
         returns += reward
         lengths += 1
         for index, key in enumerate(metrics):
@@ -293,6 +310,9 @@ def _run_seed(
                 episode_lengths.append(int(lengths[env_id]))
                 episode_best.append(best[env_id].copy())
                 episode_final.append(latest[env_id].copy())
+                jerk, jump = action_smoothness(np.stack(executed[env_id]))
+                episode_jerk.append(jerk)
+                episode_jump.append(jump)
                 bar.update(1)
             if successes:
                 bar.set_postfix(success=f"{np.mean(successes):.2f}")
@@ -301,10 +321,27 @@ def _run_seed(
         "success_rate": float(np.mean(successes)),
         "mean_return": float(np.mean(episode_returns)),
         "mean_episode_length": float(np.mean(episode_lengths)),
+        "action_jerk": _mean_of_finite(episode_jerk),
+        "max_action_jump": float(np.mean(episode_jump)),
         **{f"max_{key}": float(np.mean([v[i] for v in episode_best])) for i, key in enumerate(metrics)},
         **{f"final_{key}": float(np.mean([v[i] for v in episode_final])) for i, key in enumerate(metrics)},
         "frames": frames,
     }
+
+
+def _mean_of_finite(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def action_smoothness(actions: np.ndarray) -> tuple[float, float]:
+    """How smooth an episode's executed actions (T, Da) are: the mean norm of their third difference
+    (the jerk of a commanded position; NaN under 4 steps) and the largest tick-to-tick jump (the
+    "violent jumps at chunk seams" users report), in action units."""
+    jump = float(np.linalg.norm(np.diff(actions, axis=0), axis=1).max()) if len(actions) > 1 else 0.0
+    if len(actions) < 4:
+        return float("nan"), jump
+    return float(np.linalg.norm(np.diff(actions, n=3, axis=0), axis=1).mean()), jump
 
 
 def _metric_summary(per_seed: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, float]:
@@ -410,9 +447,9 @@ def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
 
     assert cfg.server is not None
 
-    if cfg.num_inference_steps is not None or cfg.n_action_steps is not None:
+    if cfg.num_inference_steps is not None or cfg.n_action_steps is not None or cfg.latency_ticks:
         raise ConfigError(
-            "with server=... the server decides num_inference_steps and n_action_steps; "
+            "with server=... the server decides num_inference_steps, n_action_steps and latency_ticks; "
             "set them on scd-serve instead"
         )
     n_envs = min(cfg.n_envs, cfg.episodes)

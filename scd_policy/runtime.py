@@ -46,6 +46,7 @@ from torch import Tensor
 
 from scd_policy.conventions import is_policy_image
 from scd_policy.diffusion import resolve_num_steps
+from scd_policy.execution import ChunkQueue, EnsembledChunks, TemporalEnsembler
 from scd_policy.policies import CheckpointError, Policy, load_policy, policy_class
 
 __all__ = [
@@ -93,50 +94,6 @@ def stream_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-class TemporalEnsembler:
-    """ACT-style temporal ensembling of overlapping action chunks, per stream.
-
-    A chunk of length L sampled at tick s predicts ticks s .. s+L-1. At tick t the executed action is
-    the weighted mean of every prediction for t, one from each chunk sampled at ticks
-    max(t - L + 1, episode start) .. t, with weight ``exp(-decay * j)`` for the j-th oldest of them
-    (j = 0: the oldest, as in ACT). ``decay = 0`` gives the plain average; a large decay follows the
-    oldest chunk (open loop for L ticks).
-    """
-
-    def __init__(self, num_envs: int, chunk_len: int, action_dim: int, decay: float, device: torch.device):
-        if decay < 0:
-            raise ValueError(f"ensemble_decay must be >= 0, got {decay}")
-        self.decay = decay
-        self.chunk_len = chunk_len
-        # chunks[b, a, i]: the prediction, for tick now + i, of stream b's chunk sampled a ticks ago.
-        self.chunks = torch.zeros(num_envs, chunk_len, chunk_len, action_dim, device=device)
-        self.count = torch.zeros(num_envs, dtype=torch.long, device=device)  # chunks still predicting now
-
-    def reset(self, streams: Tensor | None = None) -> None:
-        """Forget the chunks of every stream (None) or of the streams ``streams`` (bool (B,) or indices)."""
-        if streams is None:
-            self.count.zero_()
-        else:
-            self.count[streams.to(self.count.device)] = 0
-
-    def add(self, rows: Tensor, chunk: Tensor) -> Tensor:
-        """A new tick for streams ``rows`` (R,) with their new chunks (R, L, Da); returns the actions
-        (R, Da) to execute now."""
-        if chunk.shape[1] != self.chunk_len:
-            raise ValueError(f"chunk of length {chunk.shape[1]}; the ensembler holds {self.chunk_len}")
-        old = self.chunks[rows]  # (R, L, L, Da)
-        aged = torch.zeros_like(old)
-        aged[:, 1:, :-1] = old[:, :-1, 1:]  # one tick older: the prediction for now moves one index left
-        aged[:, 0] = chunk
-        self.chunks[rows] = aged
-        count = (self.count[rows] + 1).clamp(max=self.chunk_len)
-        self.count[rows] = count
-        ages = torch.arange(self.chunk_len, device=chunk.device)[None, :]  # (1, L)
-        oldest_first = (count[:, None] - 1 - ages).clamp(min=0)  # j: 0 for the oldest chunk in play
-        weights = torch.exp(-self.decay * oldest_first.to(chunk.dtype)) * (ages < count[:, None])
-        return (weights[:, :, None] * aged[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
-
-
 class PolicyRuntime:
     """The streaming policy API for any trained policy (scd, causal_diffusion, diffusion_policy).
 
@@ -152,7 +109,10 @@ class PolicyRuntime:
     fresh entropy); ``num_threads`` for torch's CPU ops (process-wide); ``compile`` the denoiser with
     ``torch.compile`` (see ``Policy.compile_denoiser``; the first steps then include compilation);
     ``latency_window`` the number of recent per-step latencies kept in ``latencies_ms``;
-    ``context_window`` the steps a causal policy attends to (default: its ``config.context_window``).
+    ``context_window`` the steps a causal policy attends to (default: its ``config.context_window``);
+    ``latency_ticks`` the latency budget in ticks (a chunk planned at tick t is used from tick t + d on,
+    the current one executed meanwhile) and ``seam`` / ``blend_ticks`` how the next chunk takes over
+    (``scd_policy.execution``).
     """
 
     def __init__(
@@ -169,6 +129,9 @@ class PolicyRuntime:
         compile: bool = False,
         latency_window: int = 10_000,
         context_window: int | None = None,
+        latency_ticks: int = 0,
+        seam: str = "switch",
+        blend_ticks: int = 4,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -202,9 +165,30 @@ class PolicyRuntime:
         self._per_stream_sampling = cfg.diffusion.process == "ddpm" and cfg.diffusion.sampler == "ddpm"
         # The policy's own per-stream history (opaque here).
         self._state = policy.init_state(num_envs, context_window=context_window)
-        self._ensembler = TemporalEnsembler(
-            num_envs, self.chunk_len, self._action_dim, ensemble_decay, self.device
-        )
+        self.latency_ticks = latency_ticks
+        self._executor: ChunkQueue | EnsembledChunks
+        if replan_every_step:
+            self._executor = EnsembledChunks(
+                num_envs,
+                self.chunk_len,
+                self._action_dim,
+                ensemble_decay,
+                self.device,
+                self.dtype,
+                latency_ticks,
+            )
+        else:
+            self._executor = ChunkQueue(
+                num_envs,
+                self.chunk_len,
+                n_action_steps,
+                self._action_dim,
+                self.device,
+                self.dtype,
+                latency_ticks,
+                seam,
+                blend_ticks,
+            )
         self._generators = [torch.Generator() for _ in range(num_envs)]
         self._seed_streams(range(num_envs), seed)
         if compile:
@@ -244,11 +228,9 @@ class PolicyRuntime:
         n, da = self.num_envs, self._action_dim
         if mask is None:
             streams = torch.ones(n, dtype=torch.bool)
-            self._queue = torch.zeros(n, self.n_action_steps, da, device=self.device, dtype=self.dtype)
-            self._queue_pos = torch.full((n,), self.n_action_steps, dtype=torch.long)  # full: replan now
             self._prev_action = torch.zeros(n, da, device=self.device, dtype=self.dtype)
             self._prev_valid = torch.zeros(n, dtype=torch.bool, device=self.device)
-            self._ensembler.reset()
+            self._executor.reset()
             self._state.reset()
         else:
             if isinstance(mask, Tensor):
@@ -257,9 +239,8 @@ class PolicyRuntime:
                 streams = torch.as_tensor(np.asarray(mask, dtype=bool))
             if streams.shape != (n,):
                 raise ValueError(f"reset mask has shape {tuple(streams.shape)}; expected ({n},)")
-            self._queue_pos[streams] = self.n_action_steps
             self._prev_valid[streams.to(self.device)] = False
-            self._ensembler.reset(streams)
+            self._executor.reset(streams)
             self._state.reset(streams.to(self.device))
         if seed is not None:
             self._seed_streams(streams.nonzero().flatten().tolist(), seed)
@@ -354,8 +335,8 @@ class PolicyRuntime:
         self._store_chunk(rows, chunk)
 
     def _needs_chunk(self) -> Tensor:
-        """The streams (CPU indices) whose queue is used up."""
-        return (self._queue_pos >= self.n_action_steps).nonzero().flatten()
+        """The streams (CPU indices) that plan a chunk this tick."""
+        return self._executor.needs_chunk()
 
     def _start_noise(self, rows: Tensor) -> Tensor:
         """One (H, Da) start noise per stream of ``rows``, each from that stream's own generator."""
@@ -366,15 +347,10 @@ class PolicyRuntime:
         return noise.to(self.device)
 
     def _store_chunk(self, rows: Tensor, chunk: Tensor) -> None:
-        """Queue the new chunks (R, H', Da) of the streams ``rows`` (R,) for execution from this tick."""
+        """Hand the new chunks (R, H', Da) of the streams ``rows`` (R,), planned this tick, to the
+        executor."""
         # The chunk from the current tick on (diffusion_policy's chunk starts n_obs_steps - 1 ticks back).
-        chunk = chunk[:, chunk.shape[1] - self.chunk_len :]  # (R, chunk_len, Da)
-        rows_dev = rows.to(self.device)
-        if self.replan_every_step:
-            self._queue[rows_dev, 0] = self._ensembler.add(rows_dev, chunk)
-        else:
-            self._queue[rows_dev] = chunk[:, : self.n_action_steps]
-        self._queue_pos[rows] = 0
+        self._executor.store(rows, chunk[:, chunk.shape[1] - self.chunk_len :])  # (R, chunk_len, Da)
 
     def _sample(self, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
         return self.policy.sample(
@@ -384,10 +360,7 @@ class PolicyRuntime:
     # ------------------------------------------------------------------ internals
 
     def _pop_action(self) -> Tensor:
-        index = self._queue_pos.to(self.device)
-        action = self._queue[torch.arange(self.num_envs, device=self.device), index]  # (N, Da)
-        self._queue_pos += 1
-        return action
+        return self._executor.pop()  # (N, Da)
 
     def _expected(self, key: str) -> str:
         want = tuple(self.config.input_shapes[key])

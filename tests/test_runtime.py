@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 import scd_policy
 from scd_policy.config import DiffusionConfig, PolicyConfig, config_dir
+from scd_policy.execution import ChunkQueue
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import CheckpointError, Policy, SeparableCausalDiffusionPolicy, make_policy
 from scd_policy.runtime import ObservationError, PolicyRuntime, TemporalEnsembler, stream_generator
@@ -235,7 +236,9 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> int:
 def _runtime_tensors(runtime: PolicyRuntime) -> list[torch.Tensor]:
     cache = runtime._state.cache
     assert cache is not None and cache.valid is not None
-    state = [runtime._queue, runtime._prev_action, runtime._prev_valid, runtime._ensembler.chunks]
+    executor = runtime._executor
+    assert isinstance(executor, ChunkQueue)
+    state = [executor.chunk, executor.pending, executor.old, runtime._prev_action, runtime._prev_valid]
     return [*cache.keys, *cache.values, cache.valid, *state]
 
 

@@ -71,6 +71,10 @@ class ServeOptions:
     num_inference_steps: int | None = None
     replan_every_step: bool = False
     context_window: int | None = None
+    # Execution schedule of every session (scd_policy.execution): the latency budget in ticks and the
+    # seam between chunks.
+    latency_ticks: int = 0
+    seam: str = "switch"
 
 
 @dataclass
@@ -124,6 +128,8 @@ class PolicyServer:
             replan_every_step=o.replan_every_step,
             seed=o.seed,
             context_window=o.context_window,
+            latency_ticks=o.latency_ticks,
+            seam=o.seam,
         )
 
     def _describe(self, runtime: PolicyRuntime) -> dict[str, Any]:
@@ -143,6 +149,8 @@ class PolicyServer:
             "n_action_steps": runtime.n_action_steps,
             "num_inference_steps": runtime.num_inference_steps,
             "replan_every_step": runtime.replan_every_step,
+            "latency_ticks": runtime.latency_ticks,
+            "seam": self.options.seam,
             "max_message_bytes": self.options.max_message_bytes,
             "max_sessions": self.options.max_sessions,
         }

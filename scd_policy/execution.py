@@ -1,0 +1,241 @@
+"""How sampled action chunks become one action per tick, per stream (used by ``PolicyRuntime``).
+
+Two executors with one interface (``reset``, ``needs_chunk``, ``store``, ``pop``):
+
+- ``ChunkQueue`` (open loop): a chunk's actions are executed one per tick, ``n_action_steps`` of them,
+  then the next chunk takes over;
+- ``EnsembledChunks`` (replan every step): a chunk every tick, the executed action the ACT-style
+  temporal ensemble of every chunk's prediction for the current tick (``TemporalEnsembler``).
+
+Latency budget (``latency_ticks`` = d). On a robot a chunk is not ready the tick it is asked for: the
+next one must be computed while the current one is still being executed. A chunk planned from tick
+t's observation is therefore only used from tick t + d on, and its first d actions (meant for ticks
+already past) are skipped; the first chunk of an episode is used at once (a robot waits for it). With
+d = 0 this is plain synchronous execution. The executors realise that schedule exactly, so the same
+code measures a policy under an injected delay in simulation and serves a real asynchronous client.
+
+Seams (open loop). Where the next chunk takes over, the new chunk and the old one disagree (different
+noise, a newer observation): ``seam="switch"`` jumps to the new chunk; ``seam="blend"`` cross-fades
+from the old chunk's own continuation for those ticks to the new chunk over ``blend_ticks`` ticks
+(linear weights (j + 1) / (blend_ticks + 1)), so the commanded motion has no step at the seam.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SEAMS = ("switch", "blend")
+
+
+class TemporalEnsembler:
+    """ACT-style temporal ensembling of overlapping action chunks, per stream.
+
+    A chunk of length L added at tick s predicts ticks s .. s+L-1. At tick t the executed action is
+    the weighted mean of every prediction for t, one from each chunk added at ticks
+    max(t - L + 1, episode start) .. t, with weight ``exp(-decay * j)`` for the j-th oldest of them
+    (j = 0: the oldest, as in ACT). ``decay = 0`` gives the plain average; a large decay follows the
+    oldest chunk (open loop for L ticks). A tick may add no chunk for some streams (``has_chunk``):
+    they are then served from the chunks already in play.
+    """
+
+    def __init__(self, num_envs: int, chunk_len: int, action_dim: int, decay: float, device: torch.device):
+        if decay < 0:
+            raise ValueError(f"ensemble_decay must be >= 0, got {decay}")
+        self.decay = decay
+        self.chunk_len = chunk_len
+        # chunks[b, a, i]: the prediction, for tick now + i, of stream b's chunk added a ticks ago.
+        self.chunks = torch.zeros(num_envs, chunk_len, chunk_len, action_dim, device=device)
+        self.valid = torch.zeros(num_envs, chunk_len, dtype=torch.bool, device=device)  # chunk of age a
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        """Forget the chunks of every stream (None) or of the streams ``streams`` (bool (B,) or indices)."""
+        if streams is None:
+            self.valid.zero_()
+        else:
+            self.valid[streams.to(self.valid.device)] = False
+
+    def add(self, rows: Tensor, chunk: Tensor, has_chunk: Tensor | None = None) -> Tensor:
+        """A new tick for streams ``rows`` (R,) with their new chunks (R, L, Da) (only where
+        ``has_chunk`` (R,) is True, if given); returns the actions (R, Da) to execute now."""
+        if chunk.shape[1] != self.chunk_len:
+            raise ValueError(f"chunk of length {chunk.shape[1]}; the ensembler holds {self.chunk_len}")
+        old = self.chunks[rows]  # (R, L, L, Da)
+        aged = torch.zeros_like(old)
+        aged[:, 1:, :-1] = old[:, :-1, 1:]  # one tick older: the prediction for now moves one index left
+        aged[:, 0] = chunk
+        self.chunks[rows] = aged
+        valid = torch.zeros_like(self.valid[rows])
+        valid[:, 1:] = self.valid[rows][:, :-1]
+        valid[:, 0] = True if has_chunk is None else has_chunk.to(valid.device)
+        self.valid[rows] = valid
+        # j: the rank of each chunk in play, oldest first (0 for the oldest).
+        oldest_first = valid.flip(1).cumsum(1).flip(1) - 1
+        weights = torch.exp(-self.decay * oldest_first.to(chunk.dtype)) * valid
+        return (weights[:, :, None] * aged[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
+
+
+class ChunkQueue:
+    """Open-loop execution with a latency budget and seam handling (see the module doc).
+
+    Per stream: the active chunk (L entries, entry i for tick planned + i) and the index of the entry
+    executed next. The first chunk of an episode runs from entry 0; every later one is planned when the
+    active chunk reaches entry ``n_action_steps`` and takes over ``latency_ticks`` ticks later, at its
+    own entry ``latency_ticks``. So every chunk is executed for ``n_action_steps`` ticks (the first one
+    for ``n_action_steps + latency_ticks``).
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        chunk_len: int,
+        n_action_steps: int,
+        action_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        latency_ticks: int = 0,
+        seam: str = "switch",
+        blend_ticks: int = 4,
+    ) -> None:
+        if seam not in SEAMS:
+            raise ValueError(f"seam={seam!r}; expected one of {SEAMS}")
+        if not 0 <= latency_ticks <= n_action_steps or n_action_steps + latency_ticks > chunk_len:
+            raise ValueError(
+                f"latency_ticks={latency_ticks} must be in [0, n_action_steps={n_action_steps}] with "
+                f"n_action_steps + latency_ticks <= the chunk's {chunk_len} actions"
+            )
+        if blend_ticks < 1:
+            raise ValueError(f"blend_ticks must be >= 1, got {blend_ticks}")
+        self.n, self.d = n_action_steps, latency_ticks
+        # What the old chunk still holds past its last executed entry limits the cross-fade.
+        self.blend_ticks = (
+            min(blend_ticks, chunk_len - n_action_steps - latency_ticks) if seam == "blend" else 0
+        )
+        shape = (num_envs, chunk_len, action_dim)
+        self.chunk = torch.zeros(shape, device=device, dtype=dtype)
+        self.pending = torch.zeros(shape, device=device, dtype=dtype)
+        self.old = torch.zeros(shape, device=device, dtype=dtype)
+        self.index = torch.full((num_envs,), -1, dtype=torch.long)  # -1: no chunk yet (plan now)
+        self.has_pending = torch.zeros(num_envs, dtype=torch.bool)
+        self.old_index = torch.zeros(num_envs, dtype=torch.long)
+        self.blend_left = torch.zeros(num_envs, dtype=torch.long)
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        every = slice(None) if streams is None else streams.to("cpu")
+        self.index[every] = -1
+        self.has_pending[every] = False
+        self.blend_left[every] = 0
+
+    def needs_chunk(self) -> Tensor:
+        """The streams (CPU indices) that must be given a chunk this tick."""
+        return ((self.index < 0) | ((self.index == self.n) & ~self.has_pending)).nonzero().flatten()
+
+    def store(self, rows: Tensor, chunk: Tensor) -> None:
+        """The chunks (R, L, Da) planned this tick for the streams ``rows`` (R,)."""
+        fresh = self.index[rows] < 0
+        rows_dev = rows.to(self.chunk.device)
+        if bool(fresh.any()):  # an episode's first chunk is used at once, from its first entry
+            first = rows_dev[fresh.to(rows_dev.device)]
+            self.chunk[first] = chunk[fresh.to(chunk.device)]
+            self.index[rows[fresh]] = 0
+        later = ~fresh
+        if bool(later.any()):
+            self.pending[rows_dev[later.to(rows_dev.device)]] = chunk[later.to(chunk.device)]
+            self.has_pending[rows[later]] = True
+
+    def pop(self) -> Tensor:
+        """This tick's action of every stream (N, Da)."""
+        self._take_over()  # a chunk stored this tick with no delay
+        streams = torch.arange(self.chunk.shape[0], device=self.chunk.device)
+        action = self.chunk[streams, self.index.to(self.chunk.device)]  # (N, Da)
+        blending = self.blend_left > 0
+        if bool(blending.any()):
+            step = (self.blend_ticks - self.blend_left[blending] + 1).to(action.dtype)  # 1 .. blend_ticks
+            weight = (step / (self.blend_ticks + 1)).to(action.device)[:, None]
+            rows = blending.to(action.device)
+            previous = self.old[streams[rows], self.old_index[blending].to(action.device)]
+            action[rows] = (1 - weight) * previous + weight * action[rows]
+            self.old_index[blending] += 1
+            self.blend_left[blending] -= 1
+        self.index += 1
+        # A delayed chunk takes over for the next tick now, so that next tick's needs_chunk() sees the
+        # entry it will execute (with latency_ticks = n_action_steps it plans at once).
+        self._take_over()
+        return action
+
+    def _take_over(self) -> None:
+        """Pending chunks whose time has come become active, at their entry ``latency_ticks``."""
+        due = self.has_pending & (self.index == self.n + self.d)
+        if bool(due.any()):
+            due_dev = due.to(self.chunk.device)
+            self.old[due_dev] = self.chunk[due_dev]
+            self.old_index[due] = self.index[due]
+            self.chunk[due_dev] = self.pending[due_dev]
+            self.index[due] = self.d
+            self.has_pending[due] = False
+            self.blend_left[due] = self.blend_ticks
+
+
+class EnsembledChunks:
+    """Replanning at every tick, executed through a ``TemporalEnsembler``, with a latency budget: the
+    chunk planned at tick t joins the ensemble at tick t + d (its entries d.., so the ensembler holds
+    chunks of L - d predictions); the first chunk of an episode joins at once."""
+
+    def __init__(
+        self,
+        num_envs: int,
+        chunk_len: int,
+        action_dim: int,
+        decay: float,
+        device: torch.device,
+        dtype: torch.dtype,
+        latency_ticks: int = 0,
+    ) -> None:
+        # The episode's first chunk must last until the first delayed one arrives (tick d + 1).
+        if not latency_ticks >= 0 or 2 * latency_ticks >= chunk_len:
+            raise ValueError(
+                f"latency_ticks={latency_ticks} with replanning at every step must be in "
+                f"[0, {(chunk_len - 1) // 2}] (below half the chunk's {chunk_len} actions)"
+            )
+        self.d = latency_ticks
+        self.ensembler = TemporalEnsembler(num_envs, chunk_len - latency_ticks, action_dim, decay, device)
+        ring = max(latency_ticks, 1)
+        self.delayed = torch.zeros(num_envs, ring, chunk_len, action_dim, device=device, dtype=dtype)
+        self.delayed_valid = torch.zeros(num_envs, ring, dtype=torch.bool)
+        self.tick = torch.zeros(num_envs, dtype=torch.long)  # ticks since the stream's episode start
+        self.now = torch.zeros(num_envs, action_dim, device=device, dtype=dtype)
+
+    def reset(self, streams: Tensor | None = None) -> None:
+        every = slice(None) if streams is None else streams.to("cpu")
+        self.ensembler.reset(streams)
+        self.delayed_valid[every] = False
+        self.tick[every] = 0
+
+    def needs_chunk(self) -> Tensor:
+        return torch.arange(self.tick.shape[0])
+
+    def store(self, rows: Tensor, chunk: Tensor) -> None:
+        rows_dev = rows.to(self.now.device)
+        d = self.d
+        if d == 0:
+            self.now[rows_dev] = self.ensembler.add(rows_dev, chunk)
+        else:
+            first = self.tick[rows] == 0
+            slot = self.tick[rows] % d
+            # Due now: the chunk planned d ticks ago (kept in this tick's ring slot), or an episode's
+            # first chunk at once.
+            ready = self.delayed_valid[rows, slot]
+            due = self.delayed[rows_dev, slot.to(rows_dev.device)][:, d:]
+            due = torch.where(first.to(chunk.device)[:, None, None], chunk[:, : chunk.shape[1] - d], due)
+            has = (ready | first).to(rows_dev.device)
+            self.now[rows_dev] = self.ensembler.add(rows_dev, due, has_chunk=has)
+            later = ~first  # the first chunk is already in play; the others wait d ticks in the ring
+            self.delayed[rows_dev[later.to(rows_dev.device)], slot[later].to(rows_dev.device)] = chunk[
+                later.to(chunk.device)
+            ]
+            self.delayed_valid[rows[later], slot[later]] = True
+            self.delayed_valid[rows[first], slot[first]] = False
+        self.tick[rows] += 1
+
+    def pop(self) -> Tensor:
+        return self.now.clone()
