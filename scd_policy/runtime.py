@@ -57,7 +57,9 @@ __all__ = [
     "SCDPolicy",
     "TemporalEnsembler",
     "TickResult",
+    "plan_sessions",
     "step_sessions",
+    "step_sessions_deferred",
     "stream_generator",
 ]
 
@@ -338,6 +340,12 @@ class PolicyRuntime:
         """The streams (CPU indices) that plan a chunk this tick."""
         return self._executor.needs_chunk()
 
+    def _can_defer_planning(self) -> bool:
+        """Whether the chunk planned this tick is only used in a later tick (an open-loop latency
+        budget, and not an episode's first chunk)."""
+        executor = self._executor
+        return isinstance(executor, ChunkQueue) and executor.d > 0 and bool((executor.index >= 0).all())
+
     def _start_noise(self, rows: Tensor) -> Tensor:
         """One (H, Da) start noise per stream of ``rows``, each from that stream's own generator."""
         shape = (1, self.config.horizon, self._action_dim)
@@ -471,6 +479,19 @@ def step_sessions(
     only one runtime ticks). Returns, per runtime, its action (Da,) or the error its own ``step`` would
     have raised, so that one session's bad observation never fails another's tick.
     """
+    results, deferred = step_sessions_deferred(runtimes, observations)
+    plan_sessions(deferred)
+    return results
+
+
+@torch.inference_mode()
+def step_sessions_deferred(
+    runtimes: Sequence[PolicyRuntime], observations: Sequence[Mapping[str, ObsValue]]
+) -> tuple[list[TickResult], list[PolicyRuntime]]:
+    """``step_sessions`` with the planning that this tick's actions do not need left for later: the
+    runtimes returned plan a chunk that their latency budget (``latency_ticks`` > 0) only uses in a
+    later tick. Call ``plan_sessions`` on them before their next tick (a server does it after sending
+    the replies, so the K decoder calls overlap the robot's motion); the actions are the same."""
     if len(runtimes) != len(observations):
         raise ValueError(f"{len(runtimes)} runtimes but {len(observations)} observations")
     start = time.perf_counter()
@@ -487,6 +508,7 @@ def step_sessions(
             results[index] = error
             continue
         live.append((index, runtime, batched_input, tensors))
+    deferred: list[PolicyRuntime] = []
     if live:
         policy = live[0][1].policy
         states = [runtime._state for _, runtime, _, _ in live]
@@ -497,24 +519,36 @@ def step_sessions(
             torch.cat([runtime._prev_valid for _, runtime, _, _ in live]),
         )
         planning = [runtime for _, runtime, _, _ in live if runtime._needs_chunk().numel()]
-        first = torch.zeros(1, dtype=torch.long)
-        if planning and planning[0]._per_stream_sampling:
-            for runtime in planning:
-                runtime._store_chunk(first, runtime._sample(first, None, runtime._generators[0]))
-        elif planning:
-            chunks = policy.sample_many(
-                [runtime._state for runtime in planning],
-                noise=torch.cat([runtime._start_noise(first) for runtime in planning]),
-                num_inference_steps=planning[0].num_inference_steps,
-            )
-            for row, runtime in enumerate(planning):
-                runtime._store_chunk(first, chunks[row : row + 1])
+        deferred = [runtime for runtime in planning if runtime._can_defer_planning()]
+        plan_sessions([runtime for runtime in planning if runtime not in deferred])
         for index, runtime, batched_input, _ in live:
             try:
                 results[index] = runtime._emit(start, batched_input)
             except PolicyOutputError as error:
                 results[index] = error
-    return [result for result in results if result is not None]
+                if runtime in deferred:  # it was reset: nothing to plan from
+                    deferred.remove(runtime)
+    return [result for result in results if result is not None], deferred
+
+
+@torch.inference_mode()
+def plan_sessions(runtimes: Sequence[PolicyRuntime]) -> None:
+    """Sample, in one batched decoder run, the chunks that the single-stream ``runtimes`` (one policy,
+    each already observed this tick) plan now, and hand them to their executors."""
+    if not runtimes:
+        return
+    first = torch.zeros(1, dtype=torch.long)
+    if runtimes[0]._per_stream_sampling:
+        for runtime in runtimes:
+            runtime._store_chunk(first, runtime._sample(first, None, runtime._generators[0]))
+        return
+    chunks = runtimes[0].policy.sample_many(
+        [runtime._state for runtime in runtimes],
+        noise=torch.cat([runtime._start_noise(first) for runtime in runtimes]),
+        num_inference_steps=runtimes[0].num_inference_steps,
+    )
+    for row, runtime in enumerate(runtimes):
+        runtime._store_chunk(first, chunks[row : row + 1])
 
 
 # The name earlier releases gave the runtime (``from scd_policy import SCDPolicy`` keeps working).

@@ -8,7 +8,13 @@ import pytest
 from test_runtime import TYPES, K, build, episode
 
 from scd_policy.config import DiffusionConfig
-from scd_policy.runtime import ObservationError, PolicyRuntime, step_sessions
+from scd_policy.runtime import (
+    ObservationError,
+    PolicyRuntime,
+    plan_sessions,
+    step_sessions,
+    step_sessions_deferred,
+)
 
 
 def schedule(n_sessions: int, ticks: int, seed: int) -> np.ndarray:
@@ -81,3 +87,20 @@ def test_sessions_must_share_one_policy_and_be_single_stream() -> None:
         step_sessions([PolicyRuntime(first), PolicyRuntime(second)], [{"state": np.zeros(4)}] * 2)
     with pytest.raises(ValueError, match="single-stream runtimes"):
         step_sessions([PolicyRuntime(first, num_envs=2)], [{"state": np.zeros((2, 4))}])
+
+
+def test_deferred_planning_gives_the_same_actions() -> None:
+    # With a latency budget the chunk planned at a tick is only used later: a server samples it after
+    # sending that tick's replies. The actions are those of plain step() calls.
+    policy = build("scd")
+    obs = episode(16, n=3, seed=6)["state"]
+    served = [PolicyRuntime(policy, num_inference_steps=K, seed=i, latency_ticks=2) for i in range(3)]
+    alone = [PolicyRuntime(policy, num_inference_steps=K, seed=i, latency_ticks=2) for i in range(3)]
+    deferred_ticks = 0
+    for t in range(16):
+        results, deferred = step_sessions_deferred(served, [{"state": obs[t, i]} for i in range(3)])
+        deferred_ticks += bool(deferred)
+        plan_sessions(deferred)
+        for i in range(3):
+            np.testing.assert_allclose(results[i], alone[i].step({"state": obs[t, i]}), atol=1e-6, rtol=0)
+    assert deferred_ticks >= 4  # every replan after the first chunk was deferred

@@ -9,7 +9,9 @@ Batching across sessions: requests wait in one queue; the batcher takes the firs
 for up to ``batch_window_ms`` (or until every session of the last two ticks has a request in), and runs them
 as one tick of ``step_sessions``: one encoder call and one decoder run for all of them, on a single
 worker thread (the event loop keeps reading and writing sockets meanwhile). Each session gets the
-actions it would get alone (``step_sessions``), and a bad request fails only its own reply.
+actions it would get alone (``step_sessions``), and a bad request fails only its own reply. With a
+latency budget (``latency_ticks`` > 0) the chunks a tick plans for later ticks are sampled after its
+replies are sent, so a client's round trip on a replanning tick costs the encoder only.
 
 Limits: ``max_sessions`` (one more is told ``server_full`` and closed with 1013), ``max_message_bytes``
 (a bigger frame closes the connection with 1009, the websocket "message too big"), ``idle_timeout_s``
@@ -44,7 +46,8 @@ from scd_policy.runtime import (
     ObservationError,
     PolicyOutputError,
     PolicyRuntime,
-    step_sessions,
+    plan_sessions,
+    step_sessions_deferred,
     stream_generator,
 )
 from scd_policy.serve import protocol
@@ -320,8 +323,8 @@ class PolicyServer:
                     except TimeoutError:
                         break
             started = time.perf_counter()
-            results = await loop.run_in_executor(
-                self._worker, step_sessions, [r.runtime for r in batch], [r.obs for r in batch]
+            results, deferred = await loop.run_in_executor(
+                self._worker, step_sessions_deferred, [r.runtime for r in batch], [r.obs for r in batch]
             )
             done = time.perf_counter()
             self.ticks += 1
@@ -335,6 +338,8 @@ class PolicyServer:
                 }
                 if not request.reply.done():
                     request.reply.set_result(_reply(result, timing))
+            if deferred:  # chunks a latency budget uses later: planned while the replies go out
+                await loop.run_in_executor(self._worker, plan_sessions, deferred)
 
 
 def _reply(

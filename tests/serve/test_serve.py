@@ -147,6 +147,18 @@ def test_bad_messages_get_an_error_reply_and_the_session_goes_on(trained_run: Pa
             np.testing.assert_array_equal(reply["action"], runtime.step(obs))
 
 
+def test_a_latency_budget_is_served_like_the_local_runtime(trained_run: Path) -> None:
+    # The server samples the chunks that latency_ticks leaves for later after sending the reply.
+    with serving(trained_run, "latency_ticks=2", "seam=blend") as (url, _), PolicyClient(url) as client:
+        assert (client.metadata["latency_ticks"], client.metadata["seam"]) == (2, "blend")
+        client.reset(seed=4)
+        runtime = PolicyRuntime.from_pretrained(
+            resolve_policy_dir(trained_run), seed=4, num_threads=1, latency_ticks=2, seam="blend"
+        )
+        for obs in observations(15, 4):
+            np.testing.assert_array_equal(client.step(obs), runtime.step(obs))
+
+
 def test_an_oversized_message_closes_that_connection_only(trained_run: Path) -> None:
     with serving(trained_run, "max_message_bytes=2048") as (url, _), PolicyClient(url) as client:
         with pytest.raises(ValueError, match="at most 2048"):  # refused before it is sent
