@@ -47,6 +47,9 @@ class TaskSpec:
     # diffusion_policy: n_obs_steps); 0 when the last couple of observations suffice. scd-train warns
     # when a policy sees less.
     history_steps: int = 0
+    # A multimodal task's ``info`` entry naming the mode an episode took (reach_around: "passed_side",
+    # -1 left / +1 right); evaluation reports how the successes split over its final values.
+    mode_metric: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keywords for the entry point
 
     @property

@@ -175,6 +175,7 @@ def evaluate_runtime(
                 record,
                 cfg.videos,
                 spec.episode_metrics,
+                spec.mode_metric,
             )
             latencies.extend(runtime.latencies_ms)
             num_steps = runtime.num_inference_steps
@@ -198,6 +199,11 @@ def evaluate_runtime(
         "mean_return": float(np.mean([s["mean_return"] for s in per_seed])),
         "mean_episode_length": float(np.mean([s["mean_episode_length"] for s in per_seed])),
         "action_jerk": float(np.mean([s["action_jerk"] for s in per_seed])),
+        **(
+            {"success_modes": _mode_split([m for s in per_seed for m in s.pop("success_mode_list")])}
+            if spec.mode_metric
+            else {}
+        ),
         "max_action_jump": float(np.mean([s["max_action_jump"] for s in per_seed])),
         **_metric_summary(per_seed, spec.episode_metrics),
         "latency_ms_p50": float(np.percentile(lat, 50)),
@@ -242,6 +248,7 @@ def _run_seed(
     record: bool,
     n_videos: int,
     metrics: tuple[str, ...] = (),
+    mode_metric: str = "",
 ) -> dict[str, Any]:
     n_envs = envs.num_envs
     # Per running episode: the best and the latest value of each of the task's episode metrics.
@@ -258,6 +265,7 @@ def _run_seed(
     episode_lengths: list[int] = []
     frames: dict[int, list[np.ndarray]] = {}
     executed: list[list[np.ndarray]] = [[] for _ in range(n_envs)]  # this episode's actions, per env
+    success_modes: list[int] = []  # mode_metric's final value of every successful episode
     episode_jerk: list[float] = []
     episode_jump: list[float] = []
 
@@ -306,6 +314,8 @@ def _run_seed(
             success = np.asarray(info.get("success", np.zeros(n_envs, dtype=bool)), dtype=bool)
             for env_id in np.flatnonzero(finished & (episode_of >= 0)):
                 successes.append(bool(success[env_id]))
+                if mode_metric and success[env_id]:
+                    success_modes.append(int(np.asarray(info[mode_metric])[env_id]))
                 episode_returns.append(float(returns[env_id]))
                 episode_lengths.append(int(lengths[env_id]))
                 episode_best.append(best[env_id].copy())
@@ -323,10 +333,21 @@ def _run_seed(
         "mean_episode_length": float(np.mean(episode_lengths)),
         "action_jerk": _mean_of_finite(episode_jerk),
         "max_action_jump": float(np.mean(episode_jump)),
+        **(
+            {"success_modes": _mode_split(success_modes), "success_mode_list": success_modes}
+            if mode_metric
+            else {}
+        ),
         **{f"max_{key}": float(np.mean([v[i] for v in episode_best])) for i, key in enumerate(metrics)},
         **{f"final_{key}": float(np.mean([v[i] for v in episode_final])) for i, key in enumerate(metrics)},
         "frames": frames,
     }
+
+
+def _mode_split(modes: list[int]) -> dict[str, float]:
+    """Fraction of the successes per mode value (keys as strings, for JSON)."""
+    values, counts = np.unique(np.asarray(modes, dtype=np.int64), return_counts=True)
+    return {str(int(v)): float(c) / max(len(modes), 1) for v, c in zip(values, counts, strict=True)}
 
 
 def _mean_of_finite(values: list[float]) -> float:

@@ -201,5 +201,6 @@ SPEC = TaskSpec(
     success="the puck's centre is within 3 cm of the goal (pushed around the obstacle, either side)",
     cameras=("top",),
     tags=("own", "multimodal"),
+    mode_metric="passed_side",
 )
 register_task(SPEC)

@@ -41,6 +41,9 @@ class BenchConfig:
     serve_sessions: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
     serve_ticks: int = 16
     serve_rounds: int = 5
+    # Every session's latency budget (PolicyRuntime latency_ticks): > 0 lets the server plan the next
+    # chunk after sending the tick's replies.
+    serve_latency_ticks: int = 0
     state_dim: int = 10
     action_dim: int = 4
     seed: int = 0

@@ -48,6 +48,7 @@ def serve_suite(
     rounds: int,
     warmup: int,
     threads: int,
+    latency_ticks: int,
     observe: Callable[[int], dict[str, np.ndarray]],
     common: dict[str, Any],
 ) -> list[Row]:
@@ -60,7 +61,11 @@ def serve_suite(
     with tempfile.TemporaryDirectory(prefix="scd-bench-serve-") as folder:
         policy.save_pretrained(folder)
         # Every fleet stays connected for the whole run (interleaved rounds).
-        options = [f"num_threads={threads}", f"max_sessions={sum(sessions)}"]
+        options = [
+            f"num_threads={threads}",
+            f"max_sessions={sum(sessions)}",
+            f"latency_ticks={latency_ticks}",
+        ]
         with (
             ServerProcess(Path(folder), [*options, "batching=false"]) as unbatched,
             ServerProcess(Path(folder), [*options, "batching=true"]) as batched,
@@ -73,7 +78,7 @@ def serve_suite(
                         fleet = ClientFleet(server.url, n)
                         fleets.append(fleet)
                         actions[(mode, n)] = _served(fleet, ticks, observe, latencies[(mode, n)])
-                    runtimes = [PolicyRuntime(policy, seed=i) for i in range(n)]
+                    runtimes = [PolicyRuntime(policy, seed=i, latency_ticks=latency_ticks) for i in range(n)]
                     actions[("local", n)] = _local(runtimes, ticks, observe, latencies[("local", n)])
                 log.info("serve: %d settings x %d rounds of %d ticks", len(actions), rounds, ticks)
                 walls = interleaved(actions, rounds, warmup)
@@ -98,6 +103,7 @@ def serve_suite(
                 "mean_ms": float(per_session.mean()),
                 "actions_per_s": 1000.0 * n * ticks * len(wall_ms) / float(np.sum(wall_ms)),
                 "ticks_per_round": ticks,
+                "latency_ticks": latency_ticks,
                 "n": float(per_session.size),
                 **common,
             }

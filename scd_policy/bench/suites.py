@@ -196,6 +196,7 @@ class Bench:
             cfg.serve_rounds,
             min(cfg.warmup, 1),
             cfg.threads,
+            cfg.serve_latency_ticks,
             self._fleet_observation,
             self.common,
         )
