@@ -295,7 +295,10 @@ class EvalConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "eval.max_steps must be >= 1")
         _require(self.videos >= 0 and self.video_size >= 16, "eval.videos >= 0 and eval.video_size >= 16")
         _require(self.latency_ticks >= 0, "eval.latency_ticks must be >= 0")
-        _require(self.seam in ("switch", "blend"), f"eval.seam={self.seam!r}: expected 'switch' or 'blend'")
+        _require(
+            self.seam in ("switch", "blend", "inpaint"),
+            f"eval.seam={self.seam!r}: expected switch, blend or inpaint",
+        )
 
 
 @dataclass

@@ -183,6 +183,8 @@ def sample(
     noise: Tensor | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    prefix: Tensor | None = None,
+    prefix_start: int = 0,
 ) -> Tensor:
     """Draw clean samples of ``shape`` (N, ...) with the configured sampler and K = ``num_steps`` steps.
 
@@ -192,6 +194,12 @@ def sample(
     ``(x_t, t) -> prediction`` function). ``noise`` (if given) is the starting point x_1 / x_T and must
     have ``shape``; otherwise it is drawn from ``generator``. The DDPM sampler draws its per-step noise
     from ``generator`` too.
+
+    ``prefix`` (N, P, ...): entries ``prefix_start`` .. ``prefix_start + P - 1`` along dim 1 are known
+    (inpainting by replacement): before every denoiser call they are set to the known values noised to
+    that call's time with the run's own start noise, so the rest of the sample is drawn consistent with
+    them, and the sample holds them there. A chunk sampled after actions already committed thus
+    continues them (the seam's mode and motion), with no training.
     """
     steps = resolve_num_steps(config, num_steps)
     if noise is None:
@@ -200,14 +208,36 @@ def sample(
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(shape)}")
         x = noise.to(device=device if device is not None else noise.device, dtype=dtype)
-    step_fn = prepare(torch.tensor(sampling_times(config, steps), dtype=torch.float32, device=x.device))
+    times = torch.tensor(sampling_times(config, steps), dtype=torch.float32, device=x.device)
+    step_fn = prepare(times)
+    if prefix is not None and config.process != "regression":
+        known = slice(prefix_start, prefix_start + prefix.shape[1])
+        step_fn = _inpainting(step_fn, prefix.to(x), known, x[:, known].clone(), times, config)
     if config.process == "regression":  # one call on an empty input: the prediction is the sample
-        return step_fn(torch.zeros_like(x), 0)
-    if config.process == "flow":
-        return euler_sample(step_fn, x, steps)
-    if config.sampler == "ddim":
-        return ddim_sample(step_fn, x, config, steps)
-    return ddpm_sample(step_fn, x, config, steps, generator=generator)
+        out = step_fn(torch.zeros_like(x), 0)
+    elif config.process == "flow":
+        out = euler_sample(step_fn, x, steps)
+    elif config.sampler == "ddim":
+        out = ddim_sample(step_fn, x, config, steps)
+    else:
+        out = ddpm_sample(step_fn, x, config, steps, generator=generator)
+    if prefix is not None:
+        out = out.clone()
+        out[:, prefix_start : prefix_start + prefix.shape[1]] = prefix.to(out)
+    return out
+
+
+def _inpainting(
+    step_fn: StepFn, values: Tensor, where: slice, noise: Tensor, times: Tensor, config: DiffusionConfig
+) -> StepFn:
+    """``step_fn`` with its input's entries ``where`` replaced by ``values`` noised to each call's time."""
+
+    def step(x: Tensor, k: int) -> Tensor:
+        x = x.clone()
+        x[:, where] = add_noise(values, noise, times[k].expand(x.shape[0]), config)
+        return step_fn(x, k)
+
+    return step
 
 
 def per_call(denoise_fn: DenoiseFn) -> PrepareFn:

@@ -18,6 +18,11 @@ Seams (open loop). Where the next chunk takes over, the new chunk and the old on
 noise, a newer observation): ``seam="switch"`` jumps to the new chunk; ``seam="blend"`` cross-fades
 from the old chunk's own continuation for those ticks to the new chunk over ``blend_ticks`` ticks
 (linear weights (j + 1) / (blend_ticks + 1)), so the commanded motion has no step at the seam.
+``seam="inpaint"`` conditions the new chunk on the old one instead: it is sampled with its first
+latency_ticks + blend_ticks actions fixed to the old chunk's actions for those ticks (the d committed
+ones and ``blend_ticks`` more, ``Policy.sample(prefix=...)``), so it continues the old plan in the same
+mode and diverges from it only where it was free to. Blending two chunks that chose different modes
+(left and right of an obstacle) averages them; inpainting cannot.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-SEAMS = ("switch", "blend")
+SEAMS = ("switch", "blend", "inpaint")
 
 
 class TemporalEnsembler:
@@ -107,10 +112,10 @@ class ChunkQueue:
         if blend_ticks < 1:
             raise ValueError(f"blend_ticks must be >= 1, got {blend_ticks}")
         self.n, self.d = n_action_steps, latency_ticks
-        # What the old chunk still holds past its last executed entry limits the cross-fade.
-        self.blend_ticks = (
-            min(blend_ticks, chunk_len - n_action_steps - latency_ticks) if seam == "blend" else 0
-        )
+        room = chunk_len - n_action_steps - latency_ticks  # what the old chunk holds past its last tick
+        self.blend_ticks = min(blend_ticks, room) if seam == "blend" else 0
+        # Inpainting: the new chunk's first actions are the old chunk's for the same ticks.
+        self.prefix_length = latency_ticks + min(blend_ticks, room) if seam == "inpaint" else 0
         shape = (num_envs, chunk_len, action_dim)
         self.chunk = torch.zeros(shape, device=device, dtype=dtype)
         self.pending = torch.zeros(shape, device=device, dtype=dtype)
@@ -129,6 +134,17 @@ class ChunkQueue:
     def needs_chunk(self) -> Tensor:
         """The streams (CPU indices) that must be given a chunk this tick."""
         return ((self.index < 0) | ((self.index == self.n) & ~self.has_pending)).nonzero().flatten()
+
+    def prefix(self, rows: Tensor) -> Tensor | None:
+        """For streams ``rows`` planning now (not an episode's first chunk): the actions the new chunk
+        must start with, (R, P, Da); None without inpainting."""
+        if self.prefix_length == 0:
+            return None
+        return self.chunk[rows.to(self.chunk.device), self.n : self.n + self.prefix_length]
+
+    def is_first(self, rows: Tensor) -> Tensor:
+        """(R,) bool: the streams ``rows`` plan their episode's first chunk."""
+        return self.index[rows] < 0
 
     def store(self, rows: Tensor, chunk: Tensor) -> None:
         """The chunks (R, L, Da) planned this tick for the streams ``rows`` (R,)."""

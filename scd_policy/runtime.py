@@ -324,17 +324,36 @@ class PolicyRuntime:
 
     def _replan(self) -> None:
         """Sample new chunks for the streams whose queue is used up, and only for those."""
-        rows = self._needs_chunk()  # (R,) on CPU
+        needed = self._needs_chunk()  # (R,) on CPU
+        for rows, prefix in self._planning_groups(needed):
+            if self._per_stream_sampling:
+                chunk = torch.cat(
+                    [
+                        self._sample(rows[i : i + 1], None, self._generators[int(r)], _row(prefix, i))
+                        for i, r in enumerate(rows)
+                    ]
+                )
+            else:
+                # Start noise drawn stream by stream from each stream's generator, then one batched call.
+                chunk = self._sample(rows, self._start_noise(rows), None, prefix)
+            self._store_chunk(rows, chunk)
+
+    def _planning_groups(self, rows: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """The streams ``rows`` that plan now, split into those sampled freely (an episode's first chunk,
+        or no inpainting) and those whose chunk starts with given actions (``seam="inpaint"``)."""
         if rows.numel() == 0:
-            return
-        if self._per_stream_sampling:
-            chunk = torch.cat(
-                [self._sample(rows[i : i + 1], None, self._generators[int(r)]) for i, r in enumerate(rows)]
-            )
-        else:
-            # Start noise drawn stream by stream from each stream's generator, then one batched call.
-            chunk = self._sample(rows, self._start_noise(rows), None)
-        self._store_chunk(rows, chunk)
+            return []
+        executor = self._executor
+        if not isinstance(executor, ChunkQueue) or executor.prefix_length == 0:
+            return [(rows, None)]
+        first = executor.is_first(rows)
+        groups: list[tuple[Tensor, Tensor | None]] = []
+        if bool(first.any()):
+            groups.append((rows[first], None))
+        if bool((~first).any()):
+            later = rows[~first]
+            groups.append((later, executor.prefix(later)))
+        return groups
 
     def _needs_chunk(self) -> Tensor:
         """The streams (CPU indices) that plan a chunk this tick."""
@@ -360,9 +379,20 @@ class PolicyRuntime:
         # The chunk from the current tick on (diffusion_policy's chunk starts n_obs_steps - 1 ticks back).
         self._executor.store(rows, chunk[:, chunk.shape[1] - self.chunk_len :])  # (R, chunk_len, Da)
 
-    def _sample(self, rows: Tensor, noise: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    def _sample(
+        self,
+        rows: Tensor,
+        noise: Tensor | None,
+        generator: torch.Generator | None,
+        prefix: Tensor | None = None,
+    ) -> Tensor:
         return self.policy.sample(
-            self._state, rows, num_inference_steps=self.num_inference_steps, generator=generator, noise=noise
+            self._state,
+            rows,
+            num_inference_steps=self.num_inference_steps,
+            generator=generator,
+            noise=noise,
+            prefix=prefix,
         )
 
     # ------------------------------------------------------------------ internals
@@ -535,20 +565,32 @@ def step_sessions_deferred(
 def plan_sessions(runtimes: Sequence[PolicyRuntime]) -> None:
     """Sample, in one batched decoder run, the chunks that the single-stream ``runtimes`` (one policy,
     each already observed this tick) plan now, and hand them to their executors."""
-    if not runtimes:
-        return
     first = torch.zeros(1, dtype=torch.long)
-    if runtimes[0]._per_stream_sampling:
-        for runtime in runtimes:
-            runtime._store_chunk(first, runtime._sample(first, None, runtime._generators[0]))
-        return
-    chunks = runtimes[0].policy.sample_many(
-        [runtime._state for runtime in runtimes],
-        noise=torch.cat([runtime._start_noise(first) for runtime in runtimes]),
-        num_inference_steps=runtimes[0].num_inference_steps,
-    )
-    for row, runtime in enumerate(runtimes):
-        runtime._store_chunk(first, chunks[row : row + 1])
+    # Sessions sampled freely and sessions whose chunk starts with given actions: one run each.
+    groups: dict[bool, list[tuple[PolicyRuntime, Tensor | None]]] = {False: [], True: []}
+    for runtime in runtimes:
+        ((_, prefix),) = runtime._planning_groups(first)
+        groups[prefix is not None].append((runtime, prefix))
+    for members in groups.values():
+        if not members:
+            continue
+        if members[0][0]._per_stream_sampling:
+            for runtime, prefix in members:
+                runtime._store_chunk(first, runtime._sample(first, None, runtime._generators[0], prefix))
+            continue
+        prefixes = [prefix for _, prefix in members if prefix is not None]
+        chunks = members[0][0].policy.sample_many(
+            [runtime._state for runtime, _ in members],
+            noise=torch.cat([runtime._start_noise(first) for runtime, _ in members]),
+            num_inference_steps=members[0][0].num_inference_steps,
+            prefix=torch.cat(prefixes) if prefixes else None,
+        )
+        for row, (runtime, _) in enumerate(members):
+            runtime._store_chunk(first, chunks[row : row + 1])
+
+
+def _row(prefix: Tensor | None, i: int) -> Tensor | None:
+    return None if prefix is None else prefix[i : i + 1]
 
 
 # The name earlier releases gave the runtime (``from scd_policy import SCDPolicy`` keeps working).

@@ -101,6 +101,48 @@ def test_runtime_latency_budget_and_seam() -> None:
         PolicyRuntime(policy, latency_ticks=5)
 
 
+def test_inpainting_keeps_the_given_prefix_and_conditions_the_rest() -> None:
+    from scd_policy import diffusion
+    from scd_policy.config import DiffusionConfig
+
+    config = DiffusionConfig()
+    seen: list[torch.Tensor] = []
+
+    def prepare(times: torch.Tensor) -> diffusion.StepFn:
+        def step(x: torch.Tensor, k: int) -> torch.Tensor:
+            seen.append(x.clone())
+            return x - x.mean(dim=1, keepdim=True)  # couples the entries: the free ones feel the prefix
+
+        return step
+
+    noise = torch.randn(2, 6, 1, generator=torch.Generator().manual_seed(0))
+    prefix = torch.full((2, 2, 1), 0.7)
+    free = diffusion.sample(prepare, (2, 6, 1), config, num_steps=4, noise=noise)
+    seen.clear()
+    held = diffusion.sample(
+        prepare, (2, 6, 1), config, num_steps=4, noise=noise, prefix=prefix, prefix_start=1
+    )
+    assert torch.equal(held[:, 1:3], prefix)
+    assert not torch.allclose(held[:, 3:], free[:, 3:])
+    # Every call saw the prefix noised to its time with the run's own start noise (t = 1 at the first).
+    assert torch.allclose(seen[0][:, 1:3], noise[:, 1:3])
+    assert torch.allclose(seen[2][:, 1:3], 0.5 * prefix + 0.5 * noise[:, 1:3])
+
+
+def test_runtime_inpainted_seam_continues_the_old_chunk() -> None:
+    policy = build("scd")
+    obs = episode(12, seed=5)["state"][:, 0]
+
+    def run(**options: object) -> np.ndarray:
+        runtime = PolicyRuntime(policy, num_inference_steps=K, seed=1, **options)  # type: ignore[arg-type]
+        return np.stack([runtime.step({"state": s}) for s in obs])
+
+    inpainted = run(seam="inpaint", blend_ticks=2, latency_ticks=1)
+    # The first chunk's actions run for n + d + 2 = 6 ticks: the new chunk starts with entries 3..5 of it.
+    np.testing.assert_array_equal(inpainted[:6], run(n_action_steps=6)[:6])
+    assert np.abs(inpainted[6:] - run(n_action_steps=6)[6:]).max() > 1e-4
+
+
 def test_action_smoothness() -> None:
     ramp = np.arange(10, dtype=np.float64)[:, None] * np.array([[3.0, 4.0]])  # constant velocity
     assert action_smoothness(ramp) == (0.0, 5.0)

@@ -167,9 +167,12 @@ class Policy(nn.Module, ABC):
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """The action chunks (R, H, Da) in raw units of the streams ``rows`` (R,) (CPU indices) at their
-        last observed step; ``noise`` (R, H, Da) or ``generator`` as in ``predict_chunk``."""
+        last observed step; ``noise`` (R, H, Da) or ``generator`` as in ``predict_chunk``. ``prefix``
+        (R, P, Da) raw: the chunk's first P actions from the current tick on are given (actions already
+        committed), and the rest is sampled consistent with them (``diffusion.sample``'s inpainting)."""
 
     def observe_many(
         self,
@@ -191,17 +194,32 @@ class Policy(nn.Module, ABC):
             )
 
     def sample_many(
-        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+        self,
+        states: Sequence[StreamState],
+        *,
+        noise: Tensor,
+        num_inference_steps: int | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """``sample`` for R separate single-stream states at once, from the start noise (R, H, Da)
         (row i for states[i]); returns (R, H, Da) raw. Default: one ``sample`` per state."""
         first = torch.zeros(1, dtype=torch.long)
         return torch.cat(
             [
-                self.sample(state, first, num_inference_steps=num_inference_steps, noise=noise[row : row + 1])
+                self.sample(
+                    state,
+                    first,
+                    num_inference_steps=num_inference_steps,
+                    noise=noise[row : row + 1],
+                    prefix=None if prefix is None else prefix[row : row + 1],
+                )
                 for row, state in enumerate(states)
             ]
         )
+
+    def normalized_prefix(self, prefix: Tensor | None) -> Tensor | None:
+        """A raw action prefix in the space the denoiser samples in."""
+        return None if prefix is None else self.normalizer.normalize(ACTION_KEY, prefix.to(self._dtype()))
 
     @abstractmethod
     def compile_denoiser(self) -> None:

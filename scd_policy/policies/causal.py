@@ -144,6 +144,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         context = self._causal_state(state).context
         if context is None:
@@ -151,7 +152,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
         if rows.numel() < self.context_streams(context):
             context = self.select_context(context, rows.to(self._device()))
         return self.sample_chunk(
-            context, num_inference_steps=num_inference_steps, generator=generator, noise=noise
+            context, num_inference_steps=num_inference_steps, generator=generator, noise=noise, prefix=prefix
         )
 
     def _causal_state(self, state: StreamState) -> CausalStreamState[ContextT]:
@@ -218,8 +219,10 @@ class CausalPolicy(Policy, Generic[ContextT]):
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
-        """K denoiser calls from noise to the chunk of the context's step; (B, H, Da) in raw units."""
+        """K denoiser calls from noise to the chunk of the context's step; (B, H, Da) in raw units
+        (its first actions ``prefix`` (B, P, Da) raw if given, see ``Policy.sample``)."""
         batch = self.context_streams(context)
         shape = (batch, self.config.horizon, self.config.action_dim)
         x0 = diffusion.sample(
@@ -231,6 +234,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
             noise=noise,
             device=self._device(),
             dtype=self._dtype(),
+            prefix=self.normalized_prefix(prefix),
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)
 

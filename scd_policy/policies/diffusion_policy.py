@@ -107,6 +107,7 @@ class DiffusionPolicy(Policy):
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         own = self.own_state(state, ObservationWindow)
         window = own.window
@@ -114,16 +115,21 @@ class DiffusionPolicy(Policy):
             rows_dev = rows.to(self._device())
             window = {key: value[rows_dev] for key, value in window.items()}
         return self.predict_chunk(
-            window, num_inference_steps=num_inference_steps, generator=generator, noise=noise
+            window, num_inference_steps=num_inference_steps, generator=generator, noise=noise, prefix=prefix
         )
 
     def sample_many(
-        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+        self,
+        states: Sequence[StreamState],
+        *,
+        noise: Tensor,
+        num_inference_steps: int | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         # The states' windows side by side: one batched denoising run.
         windows = [self.own_state(state, ObservationWindow).window for state in states]
         window = {key: torch.cat([w[key] for w in windows]) for key in windows[0]}
-        return self.predict_chunk(window, num_inference_steps=num_inference_steps, noise=noise)
+        return self.predict_chunk(window, num_inference_steps=num_inference_steps, noise=noise, prefix=prefix)
 
     def compile_denoiser(self) -> None:
         self.model.compile(mode=self._compile_mode())
@@ -163,10 +169,12 @@ class DiffusionPolicy(Policy):
         num_inference_steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         """history: obs[key] (B, T, *shape), the last T observations (T >= 1). The last ``n_obs_steps``
         are used; fewer are edge-padded at the front with the oldest one, as the dataset pads an episode
-        start. Returns the chunk (B, H, Da) in raw units, starting ``n_obs_steps - 1`` steps back."""
+        start. Returns the chunk (B, H, Da) in raw units, starting ``n_obs_steps - 1`` steps back;
+        ``prefix`` (B, P, Da) raw: its first P actions from the current step on (``Policy.sample``)."""
         first = self.obs_keys[0]
         if first not in history:
             raise KeyError(f"predict_chunk: observation key {first!r} is missing; got keys {sorted(history)}")
@@ -198,5 +206,7 @@ class DiffusionPolicy(Policy):
             noise=noise,
             device=device,
             dtype=self._dtype(),
+            prefix=self.normalized_prefix(prefix),
+            prefix_start=-self.config.chunk_start_offset,  # the chunk starts n_obs_steps - 1 steps back
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)

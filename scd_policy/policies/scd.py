@@ -86,14 +86,19 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
             state.context = context[row : row + 1]  # (1, n_ctx, D)
 
     def sample_many(
-        self, states: Sequence[StreamState], *, noise: Tensor, num_inference_steps: int | None = None
+        self,
+        states: Sequence[StreamState],
+        *,
+        noise: Tensor,
+        num_inference_steps: int | None = None,
+        prefix: Tensor | None = None,
     ) -> Tensor:
         # One decoder run over the states' contexts side by side.
         contexts = [self._causal_state(state).context for state in states]
         if any(context is None for context in contexts):
             raise RuntimeError("sample_many() before observe(): a state has no step to plan for")
         context = torch.cat([c for c in contexts if c is not None])  # (R, n_ctx, D)
-        return self.sample_chunk(context, num_inference_steps=num_inference_steps, noise=noise)
+        return self.sample_chunk(context, num_inference_steps=num_inference_steps, noise=noise, prefix=prefix)
 
     def context_streams(self, context: Tensor) -> int:
         return int(context.shape[0])

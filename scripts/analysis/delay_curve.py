@@ -1,11 +1,12 @@
 """Success and smoothness of a trained policy under an injected delay (issue K, docs/deployment.md).
 
 For every latency budget d (a chunk planned at tick t used from t + d on) and every way of joining
-chunks (open loop with a plain switch, open loop with the blended seam, temporal ensembling with a new
-chunk every tick) this runs ``scd-eval``'s evaluation and writes one row per setting:
+chunks (open loop with a plain switch, with the blended seam, with the new chunk inpainted onto the old
+one, or temporal ensembling with a new chunk every tick) this runs ``scd-eval``'s evaluation and
+writes one row per setting:
 
     python scripts/analysis/delay_curve.py --checkpoint RUN --out docs/results/delay_curve.json \
-        [--delays 0 1 2 3 4] [--episodes 50] [--seeds 0 1 2]
+        [--task reach_around] [--delays 0 1 2 3 4] [--episodes 50] [--seeds 0 1 2]
 
 Rows: {delay, mode, success_rate, success_rate_std, action_jerk, max_action_jump, success_modes, ...}.
 A plot goes next to the JSON (same stem, .png).
@@ -25,6 +26,7 @@ from scd_policy.io import atomic_write_text
 MODES = {
     "switch": {"seam": "switch"},
     "blend": {"seam": "blend"},
+    "inpaint": {"seam": "inpaint"},
     "ensemble": {"replan_every_step": True},
 }
 
@@ -35,6 +37,7 @@ def main() -> None:
     )
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--task", default=None, help="the task (default: the one the run recorded)")
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -48,6 +51,7 @@ def main() -> None:
             results = run_evaluation(
                 EvalRunConfig(
                     checkpoint=args.checkpoint,
+                    task=args.task,
                     out=str(out.with_name(f"{out.stem}_{mode}_d{delay}.json")),
                     episodes=args.episodes,
                     seeds=list(args.seeds),
