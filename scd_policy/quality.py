@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,12 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         cfg.steps,
         run_dir,
     )
+    started = time.perf_counter()
     policy_dir = run_training(train_config(cfg, cell, policy, seed, dataset, run_dir))
+    # Training wall time, summed over the invocations that finished (a killed one's share is lost).
+    clock = run_dir / TRAIN_TIME_FILE
+    earlier = float(json.loads(clock.read_text())["seconds"]) if clock.exists() else 0.0
+    atomic_write_text(clock, json.dumps({"seconds": earlier + time.perf_counter() - started}) + "\n")
     log.info(
         "%s / %s / seed %d: evaluating %d episodes x seeds %s",
         cell.name,
@@ -237,9 +243,24 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
     )
 
 
-def table_row(cell: Cell, policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+TRAIN_TIME_FILE = "train_time.json"
+
+
+def train_minutes(cfg: QualityConfig, cell: Cell, policy: str) -> float | None:
+    """Mean training wall minutes of a (cell, policy)'s runs (None where a run did not record it)."""
+    times = []
+    for seed in cfg.train_seeds:
+        clock = run_dir_of(cfg, cell, policy, seed) / TRAIN_TIME_FILE
+        if not clock.exists():
+            return None
+        times.append(float(json.loads(clock.read_text())["seconds"]) / 60.0)
+    return float(np.mean(times))
+
+
+def table_row(cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One (cell, policy) entry of quality.json from its runs' evaluation results (one per training
-    seed): success pooled over every (training seed, evaluation seed) pair, std over those pairs."""
+    seed): success pooled over every (training seed, evaluation seed) pair, std over those pairs, with
+    the budget every run had."""
     per_seed = [[s["success_rate"] for s in r["per_seed"]] for r in runs]
     pooled = np.array([rate for rates in per_seed for rate in rates])
     row: dict[str, Any] = {
@@ -253,10 +274,28 @@ def table_row(cell: Cell, policy: str, runs: list[dict[str, Any]]) -> dict[str, 
         "seeds": runs[0]["seeds"],
         "mean_return": float(np.mean([r["mean_return"] for r in runs])),
         "checkpoints": [r.get("checkpoint") for r in runs],
+        # The budget and protocol, in the issue's row layout.
+        "obs": cell.observation,
+        "demos": cfg.demos,
+        "train_seeds": list(cfg.train_seeds),
+        "episodes": runs[0]["episodes_per_seed"] * len(runs[0]["seeds"]),
+        "success_mean": float(pooled.mean()),
+        "success_std": float(pooled.std()),
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "size": cfg.size,
+        "train_minutes": train_minutes(cfg, cell, policy),
     }
     for key in runs[0]:
         if key.startswith(("max_", "final_")) and not key.endswith("_std"):  # e.g. push_t's coverage
             row[key] = float(np.mean([r[key] for r in runs]))
+    if "max_coverage" in row:
+        row["best_coverage_mean"] = row["max_coverage"]
+    if "success_modes" in runs[0]:  # a multimodal task: how the successes split over its modes
+        modes = sorted({mode for r in runs for mode in r["success_modes"]})
+        row["success_modes"] = {
+            m: float(np.mean([r["success_modes"].get(m, 0.0) for r in runs])) for m in modes
+        }
     return row
 
 
@@ -346,7 +385,7 @@ def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
             if missing:
                 log.info("%s / %s: left out of the table, not evaluated yet: %s", cell.name, policy, missing)
                 continue
-            rows.append(table_row(cell, policy, [json.loads(path.read_text()) for path in paths]))
+            rows.append(table_row(cfg, cell, policy, [json.loads(path.read_text()) for path in paths]))
     if not rows:
         raise ConfigError(
             f"report_only=true: no evaluated runs under {Path(cfg.out) / 'runs'} for these tasks, "
@@ -367,7 +406,7 @@ def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[s
     for cell in cells(cfg):
         for policy in cfg.policies:
             runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]
-            rows.append(table_row(cell, policy, runs))
+            rows.append(table_row(cfg, cell, policy, runs))
             paths = write_table(rows, cfg, command)
             log.info(
                 "%s / %s: success %.1f%% ± %.1f -> %s",

@@ -66,10 +66,18 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
         pooled = [rate for rates in row["per_seed_success"] for rate in rates]
         assert row["success_rate"] == pytest.approx(sum(pooled) / 4)
         assert row["episodes_per_seed"] == 2 and row["seeds"] == [0, 1] and len(row["checkpoints"]) == 2
+        # The issue-H row layout: the budget and protocol next to the numbers.
+        assert row["obs"] == row["observation"] and row["train_seeds"] == cfg.train_seeds
+        assert (row["demos"], row["episodes"], row["steps"], row["size"]) == (cfg.demos, 4, cfg.steps, "tiny")
+        assert row["batch_size"] == cfg.batch_size and row["success_mean"] == row["success_rate"]
+        assert row["success_std"] == row["success_rate_std"] and row["train_minutes"] > 0
     # push_t reports its goal coverage (best over the episode, and at the end); other tasks have none.
     for row in rows[:2]:
         assert 0.0 <= row["final_coverage"] <= row["max_coverage"] <= 1.0
+        assert row["best_coverage_mean"] == row["max_coverage"]
     assert "max_coverage" not in rows[2]
+    # reach_around is multimodal: the successes' split over its sides (fractions summing to 1, or none).
+    assert all(0.0 <= v <= 1.0 for v in rows[2]["success_modes"].values())
 
     out = Path(cfg.out)
     assert json.loads((out / "quality.json").read_text())["rows"] == rows
