@@ -18,11 +18,11 @@ Seams (open loop). Where the next chunk takes over, the new chunk and the old on
 noise, a newer observation): ``seam="switch"`` jumps to the new chunk; ``seam="blend"`` cross-fades
 from the old chunk's own continuation for those ticks to the new chunk over ``blend_ticks`` ticks
 (linear weights (j + 1) / (blend_ticks + 1)), so the commanded motion has no step at the seam.
-``seam="inpaint"`` conditions the new chunk on the old one instead: it is sampled with its first
-latency_ticks + blend_ticks actions fixed to the old chunk's actions for those ticks (the d committed
-ones and ``blend_ticks`` more, ``Policy.sample(prefix=...)``), so it continues the old plan in the same
-mode and diverges from it only where it was free to. Blending two chunks that chose different modes
-(left and right of an obstacle) averages them; inpainting cannot.
+``seam="inpaint"`` conditions the new chunk on the actions already committed instead: it is sampled
+with its first latency_ticks actions fixed to the ones the old chunk executes meanwhile
+(``Policy.sample(prefix=...)``), so it continues from them in the same mode. Blending two chunks that
+chose different modes (left and right of an obstacle) averages them; inpainting cannot. With
+latency_ticks = 0 nothing is committed and it is a plain switch.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ class ChunkQueue:
         self.n, self.d = n_action_steps, latency_ticks
         room = chunk_len - n_action_steps - latency_ticks  # what the old chunk holds past its last tick
         self.blend_ticks = min(blend_ticks, room) if seam == "blend" else 0
-        # Inpainting: the new chunk's first actions are the old chunk's for the same ticks.
-        self.prefix_length = latency_ticks + min(blend_ticks, room) if seam == "inpaint" else 0
+        # Inpainting: the new chunk's first actions are the committed ones, the old chunk's for those ticks.
+        self.prefix_length = latency_ticks if seam == "inpaint" else 0
         shape = (num_envs, chunk_len, action_dim)
         self.chunk = torch.zeros(shape, device=device, dtype=dtype)
         self.pending = torch.zeros(shape, device=device, dtype=dtype)
