@@ -124,6 +124,11 @@ class PolicyConfig:
     # action" token of an episode start), against copying the last action instead of reading the scene
     # (the evidence for the default: docs/RESULTS.md).
     prev_action_dropout: float = 0.5
+    # Causal policies: past-token prediction (Torne et al. 2025, against copycat on long histories).
+    # Every step's chunk also predicts the P actions before it: its ``horizon`` actions start P steps
+    # back (``chunk_start_offset = -P``), so the decoder must read the past from the context rather than
+    # copy it; at run time those P are dropped, as diffusion_policy's past actions are.
+    past_actions: int = 0
     decoder_lr_scale: float = 2.0  # decoder lr = scale * encoder lr
 
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -150,12 +155,17 @@ class PolicyConfig:
         _require(
             (self.d_model // self.n_heads) % 2 == 0, "policy.d_model / n_heads must be even (RoPE pairs)"
         )
+        _require(
+            0 <= self.past_actions < self.horizon,
+            f"policy.past_actions={self.past_actions} must be in [0, horizon={self.horizon})",
+        )
         max_exec = self.horizon + self.chunk_start_offset
         _require(
             self.n_action_steps <= max_exec,
             f"policy.n_action_steps={self.n_action_steps} must be <= horizon - n_obs_steps + 1 = {max_exec}"
             if self.type == "diffusion_policy"
-            else f"policy.n_action_steps={self.n_action_steps} must be <= horizon={self.horizon}",
+            else f"policy.n_action_steps={self.n_action_steps} must be <= horizon={self.horizon}"
+            + (f" - past_actions={self.past_actions}" if self.past_actions else ""),
         )
         if self.is_causal:
             _require(
@@ -186,7 +196,7 @@ class PolicyConfig:
     @property
     def chunk_start_offset(self) -> int:
         """Offset of the chunk's first action relative to the current control step."""
-        return 0 if self.is_causal else -(self.n_obs_steps - 1)
+        return -self.past_actions if self.is_causal else -(self.n_obs_steps - 1)
 
     @property
     def observation_offsets(self) -> list[int]:
@@ -201,11 +211,12 @@ class PolicyConfig:
 
         Causal policies: offset -1 is the action executed before the window's first step (fed to the
         encoder as the "previous action" token), followed by every action any step of the window
-        needs for its chunk: ``train_window + horizon - 1`` more.
+        needs for its chunk: ``train_window + horizon - 1`` more; with ``past_actions`` = P > 1 they
+        start at -P (the first step's chunk reaches P steps back).
         diffusion_policy: the ``horizon`` actions of the chunk.
         """
         if self.is_causal:
-            return list(range(-1, self.train_window + self.horizon - 1))
+            return list(range(-max(self.past_actions, 1), self.train_window + self.horizon - 1))
         start = self.chunk_start_offset
         return list(range(start, start + self.horizon))
 

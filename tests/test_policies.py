@@ -28,6 +28,7 @@ from scd_policy.policies import (
     load_policy,
     make_policy,
 )
+from scd_policy.runtime import PolicyRuntime
 
 TYPES = ("scd", "causal_diffusion", "diffusion_policy")
 STATE_DIM, ACTION_DIM, IMAGE = 4, 2, (3, 16, 16)
@@ -269,6 +270,48 @@ def test_prev_action_dropout_hides_previous_actions_in_training_only(
     torch.testing.assert_close(
         dropping.training_inputs(batch).tokens, plain.eval().training_inputs(batch).tokens
     )
+
+
+@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
+def test_past_actions_extend_every_chunk_backwards_and_still_learn(
+    policy_type: str, buffer: ReplayBuffer
+) -> None:
+    # Past-token prediction: each step's chunk starts P = 3 actions back; step i's targets are the
+    # window's actions from offset i - 3 on, and a past action before the episode start is masked.
+    torch.manual_seed(0)
+    policy = build(policy_type, buffer, past_actions=3)
+    assert policy.config.chunk_start_offset == -3 and policy.config.action_offsets[0] == -3
+    batch = batch_of(policy, buffer, [0, 9, 30, 41])  # index 0: an episode start
+    inputs = policy.eval().training_inputs(batch)
+    actions = policy.normalizer.normalize("action", batch["action"])  # offsets -3 .. W + H - 2
+    for i in range(WINDOW):
+        torch.testing.assert_close(inputs.chunks[:, i], actions[:, i : i + HORIZON])  # offset i - 3 on
+    assert not bool(inputs.mask[0, 0, :3].any()) and bool(inputs.mask[1, 0].all())  # before the start
+    # The previous-action tokens are the same as without the lever (offset i - 1 for step i).
+    plain = build(policy_type, buffer)
+    plain.load_state_dict(policy.state_dict())
+    plain_batch = batch_of(plain, buffer, [0, 9, 30, 41])
+    torch.testing.assert_close(inputs.tokens, plain.eval().training_inputs(plain_batch).tokens)
+
+    def fixed_noise_loss() -> float:
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            return float(policy.eval().compute_loss(batch)[0])
+
+    initial = fixed_noise_loss()
+    optimizer = torch.optim.AdamW(policy.param_groups(3e-3, 0.0))
+    policy.train()
+    for _ in range(60):
+        loss, _ = policy.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_noise_loss() < initial / 3
+    # At run time the past part is dropped: the runtime executes from the current tick on.
+    runtime = PolicyRuntime(policy.eval(), num_inference_steps=2)
+    assert runtime.chunk_len == HORIZON - 3
+    with pytest.raises(ConfigError, match=r"past_actions=6 must be in \[0, horizon=6\)"):
+        tiny_config(policy_type, past_actions=6)
 
 
 @pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])

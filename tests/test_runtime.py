@@ -101,22 +101,24 @@ def to_policy_images(frames: np.ndarray) -> torch.Tensor:
 
 
 CASES = [
-    ("scd", "euler", False),
-    ("scd", "euler", True),
-    ("scd", "ddpm", False),  # ancestral DDPM: per-step noise, streams sampled one by one
-    ("causal_diffusion", "euler", False),
-    ("diffusion_policy", "euler", False),
-    ("diffusion_policy", "ddim", True),
+    ("scd", "euler", False, 0),
+    ("scd", "euler", True, 0),
+    ("scd", "ddpm", False, 0),  # ancestral DDPM: per-step noise, streams sampled one by one
+    ("scd", "euler", False, 2),  # past-token prediction: the chunk starts 2 steps back
+    ("causal_diffusion", "euler", False, 0),
+    ("diffusion_policy", "euler", False, 0),
+    ("diffusion_policy", "ddim", True, 0),
 ]
 
 
-@pytest.mark.parametrize(("policy_type", "sampler", "image"), CASES)
+@pytest.mark.parametrize(("policy_type", "sampler", "image", "past_actions"), CASES)
 def test_step_equals_predict_chunk_on_the_same_history_and_noise(
-    policy_type: str, sampler: str, image: bool
+    policy_type: str, sampler: str, image: bool, past_actions: int
 ) -> None:
     process = "flow" if sampler == "euler" else "ddpm"
     diffusion = DiffusionConfig(process=process, sampler=sampler, num_train_timesteps=30)
-    policy = build(policy_type, image=image, diffusion=diffusion)
+    extra = {"past_actions": past_actions} if past_actions else {}
+    policy = build(policy_type, image=image, diffusion=diffusion, **extra)
     steps, seed = 11, 7  # 11 > context_window = 7: eviction is in play for the causal policies
     obs = episode(steps, image=image)
     runtime = PolicyRuntime(policy, num_inference_steps=K, seed=seed)
@@ -127,7 +129,7 @@ def test_step_equals_predict_chunk_on_the_same_history_and_noise(
     history: dict[str, torch.Tensor] = {"state": torch.from_numpy(obs["state"][:, 0][None])}  # (1, T, 4)
     if image:
         history["image"] = to_policy_images(obs["image"][:, 0][None])
-    offset = -policy.config.chunk_start_offset  # diffusion_policy's chunk starts n_obs_steps - 1 back
+    offset = -policy.config.chunk_start_offset  # the chunk starts n_obs_steps - 1 / past_actions back
     replans = 0
     for t in range(0, steps, N_EXEC):
         past = {key: value[:, : t + 1] for key, value in history.items()}

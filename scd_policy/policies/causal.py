@@ -235,6 +235,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
             device=self._device(),
             dtype=self._dtype(),
             prefix=self.normalized_prefix(prefix),
+            prefix_start=-self.config.chunk_start_offset,  # past_actions: the chunk starts P steps back
         )
         return self.normalizer.unnormalize(ACTION_KEY, x0)
 
@@ -297,21 +298,29 @@ class CausalPolicy(Policy, Generic[ContextT]):
             raise KeyError(f"compute_loss: observation key {first!r} is missing; got keys {sorted(batch)}")
         b, w = batch[first].shape[:2]
         h, da = self.config.horizon, self.config.action_dim
+        n_actions = len(self.config.action_offsets)  # w + h, or w + h + P - 1 with past_actions P > 1
+        # Index of the previous action of step 0, and of the first action of step 0's chunk.
+        lead = n_actions - (w + h - 1)
+        first_chunk = lead + self.config.chunk_start_offset
         obs_is_pad = self.check_tensor(batch, "obs_is_pad", (b, w), "compute_loss").to(torch.bool)
-        action = self.check_tensor(batch, ACTION_KEY, (b, w + h, da), "compute_loss")
-        action_is_pad = self.check_tensor(batch, "action_is_pad", (b, w + h), "compute_loss").to(torch.bool)
+        action = self.check_tensor(batch, ACTION_KEY, (b, n_actions, da), "compute_loss")
+        action_is_pad = self.check_tensor(batch, "action_is_pad", (b, n_actions), "compute_loss").to(
+            torch.bool
+        )
         obs = {
             key: self.history_noise(x) for key, x in self.normalize_obs(batch, (b, w), "compute_loss").items()
         }
         action_norm = self.normalizer.normalize(ACTION_KEY, action.to(self._dtype()))  # (B, W+H, Da)
-        prev_valid = ~action_is_pad[:, :w]  # padded previous action: episode start -> "no previous action"
+        prev = slice(lead - 1, lead - 1 + w)  # the previous action of each step
+        prev_valid = ~action_is_pad[:, prev]  # padded previous action: episode start -> "no previous action"
         if self.training and self.config.prev_action_dropout > 0:
             kept = torch.rand(b, w, device=prev_valid.device) >= self.config.prev_action_dropout
             prev_valid = prev_valid & kept
-        tokens = self.tokenizer(obs, self.history_noise(action_norm[:, :w]), prev_valid)
-        # Chunk of step i = actions i+1 .. i+H: sliding windows over offsets 0 .. W+H-2.
-        chunks = action_norm[:, 1:].unfold(1, h, 1).transpose(-1, -2)  # (B, W, H, Da)
-        chunk_pad = action_is_pad[:, 1:].unfold(1, h, 1)  # (B, W, H)
+        tokens = self.tokenizer(obs, self.history_noise(action_norm[:, prev]), prev_valid)
+        # Chunk of step i = its H actions from offset i + chunk_start_offset on (sliding windows); a
+        # past action before the episode start is padding and masked out of the loss.
+        chunks = action_norm[:, first_chunk:].unfold(1, h, 1)[:, :w].transpose(-1, -2)  # (B, W, H, Da)
+        chunk_pad = action_is_pad[:, first_chunk:].unfold(1, h, 1)[:, :w]  # (B, W, H)
         mask = ~chunk_pad & ~obs_is_pad[:, :, None]
         steps = torch.arange(w, device=tokens.device)
         if self.training and 0 < self.config.decoder_steps < w:
