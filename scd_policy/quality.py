@@ -68,6 +68,10 @@ class QualityConfig:
     # long without asking.
     task_overrides: dict[str, list[str]] = field(default_factory=dict)
     episodes: int = 50  # evaluation episodes per seed
+    # Actions executed per chunk in evaluation, for every policy (None: each policy's own
+    # n_action_steps). Each value has its own results file per run (eval.json for None,
+    # eval_nexec<N>.json), so one trained sweep can be scored at several execution lengths.
+    n_action_steps: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (fixed lists)
     # Training seeds: each (cell, policy) is trained once per seed (train.seed) and every run is scored
     # on all evaluation seeds; the table pools them.
@@ -84,6 +88,8 @@ class QualityConfig:
             raise ConfigError(f"policies={self.policies}: expected a non-empty subset of {POLICY_TYPES}")
         if not self.tasks and not self.image_tasks:
             raise ConfigError("tasks and image_tasks are both empty: nothing to run")
+        if self.n_action_steps is not None and self.n_action_steps < 1:
+            raise ConfigError(f"n_action_steps must be >= 1 or null, got {self.n_action_steps}")
         for name in ("demos", "steps", "batch_size", "episodes", "n_envs", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -119,6 +125,11 @@ class Cell:
 
 def cells(cfg: QualityConfig) -> list[Cell]:
     return [Cell(task, False) for task in cfg.tasks] + [Cell(task, True) for task in cfg.image_tasks]
+
+
+def eval_file(cfg: QualityConfig) -> str:
+    """A run's results file for the sweep's execution length."""
+    return "eval.json" if cfg.n_action_steps is None else f"eval_nexec{cfg.n_action_steps}.json"
 
 
 def run_dir_of(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> Path:
@@ -187,11 +198,12 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
     reuses a finished run."""
     from scd_policy.collection import CollectConfig, collect_up_to
     from scd_policy.evaluation import EvalRunConfig, run_evaluation
+    from scd_policy.training.checkpoint import list_checkpoints
     from scd_policy.training.experiment import run_training
 
     out = Path(cfg.out)
     run_dir = run_dir_of(cfg, cell, policy, seed)
-    results_path = run_dir / "eval.json"
+    results_path = run_dir / eval_file(cfg)
     if results_path.exists():
         log.info("%s / %s / seed %d: already evaluated (%s)", cell.name, policy, seed, results_path)
         results: dict[str, Any] = json.loads(results_path.read_text())
@@ -216,12 +228,13 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         cfg.steps,
         run_dir,
     )
+    done = max((step for step, _ in list_checkpoints(run_dir)), default=0) >= cfg.steps
     started = time.perf_counter()
     policy_dir = run_training(train_config(cfg, cell, policy, seed, dataset, run_dir))
-    # Training wall time, summed over the invocations that finished (a killed one's share is lost).
-    clock = run_dir / TRAIN_TIME_FILE
-    earlier = float(json.loads(clock.read_text())["seconds"]) if clock.exists() else 0.0
-    atomic_write_text(clock, json.dumps({"seconds": earlier + time.perf_counter() - started}) + "\n")
+    if not done:  # training wall time, summed over the invocations that finished (a killed one's is lost)
+        clock = run_dir / TRAIN_TIME_FILE
+        earlier = float(json.loads(clock.read_text())["seconds"]) if clock.exists() else 0.0
+        atomic_write_text(clock, json.dumps({"seconds": earlier + time.perf_counter() - started}) + "\n")
     log.info(
         "%s / %s / seed %d: evaluating %d episodes x seeds %s",
         cell.name,
@@ -239,6 +252,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
             n_envs=cfg.n_envs,
             videos=0,
             out=str(results_path),
+            n_action_steps=cfg.n_action_steps,
         )
     )
 
@@ -285,6 +299,7 @@ def table_row(cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, 
         "batch_size": cfg.batch_size,
         "size": cfg.size,
         "train_minutes": train_minutes(cfg, cell, policy),
+        "n_action_steps": cfg.n_action_steps,  # None: each policy's own
     }
     for key in runs[0]:
         if key.startswith(("max_", "final_")) and not key.endswith("_std"):  # e.g. push_t's coverage
@@ -313,7 +328,12 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         f"Success rate, mean ± std over training seeds {cfg.train_seeds} x evaluation seeds {cfg.seeds} "
         f"({cfg.episodes} episodes each); "
         f"{cfg.demos} demonstrations per task, `{cfg.size}` preset, {cfg.steps} steps of batch "
-        f"{cfg.batch_size} for every policy. PushT: mean best coverage per episode in brackets.",
+        f"{cfg.batch_size} for every policy. PushT: mean best coverage per episode in brackets."
+        + (
+            f" Evaluated with n_action_steps={cfg.n_action_steps} for every policy."
+            if cfg.n_action_steps
+            else ""
+        ),
         "",
         f"Command: `{command}`",
         "",
@@ -368,7 +388,8 @@ def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
 def write_table(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> dict[str, Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "quality.json", "markdown": out / "quality.md", "plot": out / "quality.png"}
+    stem = "quality" if cfg.n_action_steps is None else f"quality_nexec{cfg.n_action_steps}"
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}.png"}
     atomic_write_text(paths["json"], json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     atomic_write_text(paths["markdown"], markdown(rows, cfg, command))
     plot(rows, cfg, paths["plot"])
@@ -380,7 +401,7 @@ def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for cell in cells(cfg):
         for policy in cfg.policies:
-            paths = [run_dir_of(cfg, cell, policy, seed) / "eval.json" for seed in cfg.train_seeds]
+            paths = [run_dir_of(cfg, cell, policy, seed) / eval_file(cfg) for seed in cfg.train_seeds]
             missing = [str(path) for path in paths if not path.exists()]
             if missing:
                 log.info("%s / %s: left out of the table, not evaluated yet: %s", cell.name, policy, missing)

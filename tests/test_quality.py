@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,15 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
 
     monkeypatch.setattr(scd_policy.training.experiment, "run_training", no_training)
     assert run_quality(cfg, command="scd-quality test") == rows
+
+    # Another execution length scores the same trained runs again, into their own files.
+    monkeypatch.undo()
+    scored = run_quality(replace(cfg, n_action_steps=2), command="scd-quality nexec")
+    assert [r["n_action_steps"] for r in scored] == [2] * 4 and rows[0]["n_action_steps"] is None
+    assert (out / "runs/push_t/scd/seed3/eval_nexec2.json").exists() and (out / "quality_nexec2.md").exists()
+    assert "n_action_steps=2" in (out / "quality_nexec2.md").read_text()
+    assert json.loads((out / "quality.json").read_text())["rows"] == rows  # the default table is kept
+    monkeypatch.setattr(scd_policy.training.experiment, "run_training", no_training)
 
     # report_only: the table from what is evaluated, nothing run; a (cell, policy) with a training seed
     # not evaluated yet is left out (here: scd on the image cell loses its seed-3 evaluation).
