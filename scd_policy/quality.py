@@ -318,6 +318,10 @@ def _percent(row: dict[str, Any]) -> str:
     text = f"{100 * row['success_rate']:.1f}% ± {100 * row['success_rate_std']:.1f}"
     if "max_coverage" in row:
         text += f" (coverage {row['max_coverage']:.2f})"
+    if row.get("success_modes"):  # a multimodal task: the successes' split over its modes
+        text += (
+            " (modes " + " / ".join(f"{100 * v:.0f}%" for _, v in sorted(row["success_modes"].items())) + ")"
+        )
     return text
 
 
