@@ -47,6 +47,9 @@ class TaskSpec:
     # diffusion_policy: n_obs_steps); 0 when the last couple of observations suffice. scd-train warns
     # when a policy sees less.
     history_steps: int = 0
+    # Actions a policy should execute per chunk before replanning (0: the policy's own default). A task
+    # whose state must be reacted to at every tick says so (reach_around: 1; docs/RESULTS.md, issue H).
+    n_action_steps: int = 0
     # A multimodal task's ``info`` entry naming the mode an episode took (reach_around: "passed_side",
     # -1 left / +1 right); evaluation reports how the successes split over its final values.
     mode_metric: str = ""

@@ -156,6 +156,13 @@ def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> 
     # A task that declares the history it needs gets causal windows that long (memory_cue: 32 steps).
     memory = train_config(cfg, Cell("memory_cue", False), "scd", 0, tmp_path / "m.zarr", run_dir)
     assert (memory.policy.train_window, memory.policy.context_window) == (32, 32)
+    # A task that must be reacted to at every tick executes one action per chunk (reach_around).
+    reach = train_config(
+        cfg, Cell("reach_around", False), "diffusion_policy", 0, tmp_path / "r.zarr", run_dir
+    )
+    assert (
+        reach.policy.n_action_steps == 1 and state.policy.n_action_steps == 8 == memory.policy.n_action_steps
+    )
     cfg.overrides = ["train.no_such_field=1"]
     with pytest.raises(ConfigError, match="no_such_field"):
         train_config(cfg, Cell("push_t", False), "scd", 0, dataset, run_dir)

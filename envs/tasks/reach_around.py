@@ -202,5 +202,8 @@ SPEC = TaskSpec(
     cameras=("top",),
     tags=("own", "multimodal"),
     mode_metric="passed_side",
+    # Replanning at every tick: 71% -> 100% (training seed 0) and 50% -> 96% (seed 1) against 8 actions
+    # per chunk, the same weights (docs/RESULTS.md, issue H).
+    n_action_steps=1,
 )
 register_task(SPEC)

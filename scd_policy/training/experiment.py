@@ -62,25 +62,20 @@ def compose_experiment(overrides: list[str]) -> ExperimentConfig:
     return resolve_config(cfg, ExperimentConfig)
 
 
-def history_overrides(task: str) -> list[str]:
-    """The scd-train overrides that give the causal policies the history window ``task`` declares
-    (``TaskSpec.history_steps``); none for a task whose last observations suffice."""
-    from envs.registry import get_task
-
-    steps = get_task(task).history_steps
-    return [f"policy.train_window={steps}", f"policy.context_window={steps}"] if steps else []
-
-
 def with_task_history(cfg: ExperimentConfig, task: str) -> ExperimentConfig:
-    """``cfg`` with the causal windows as long as ``task`` declares it needs (TaskSpec.history_steps)."""
+    """``cfg`` with what ``task`` declares its policies need: causal windows as long as
+    ``TaskSpec.history_steps`` and ``TaskSpec.n_action_steps`` actions per chunk."""
     from dataclasses import replace
 
     from envs.registry import get_task
 
-    steps = get_task(task).history_steps
-    if not steps:
-        return cfg
-    return replace(cfg, policy=replace(cfg.policy, train_window=steps, context_window=steps))
+    spec = get_task(task)
+    policy = cfg.policy
+    if spec.history_steps:
+        policy = replace(policy, train_window=spec.history_steps, context_window=spec.history_steps)
+    if spec.n_action_steps:
+        policy = replace(policy, n_action_steps=spec.n_action_steps)
+    return cfg if policy is cfg.policy else replace(cfg, policy=policy)
 
 
 def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
