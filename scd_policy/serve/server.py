@@ -398,7 +398,10 @@ def run_server(cfg: ServeConfig) -> None:
     task = str(run_cfg.get("task") or "") or None
     camera = str(run_cfg.get("camera") or "") or None
     options = ServeOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeOptions)})
-    server = PolicyServer(policy, options, task=task, camera=camera)
+    try:
+        server = PolicyServer(policy, options, task=task, camera=camera)
+    except ValueError as error:  # a runtime option that does not fit this policy (n_action_steps, ...)
+        raise ConfigError(f"{error} (for the policy in {policy_dir})") from None
     log.info("loaded %s (%s, task %s)", policy_dir, policy.config.type, task or "unknown")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve_forever())

@@ -236,15 +236,19 @@ def test_token_health_check_and_idle_eviction(trained_run: Path) -> None:
         assert _health(url)["sessions"] == 0
 
 
-def test_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(VENV_BIN / "scd-serve"), f"checkpoint={tmp_path}", "port=0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "scd-serve: error:" in result.stderr and str(tmp_path) in result.stderr
+def test_bad_checkpoint_or_option_is_one_line(trained_run: Path, tmp_path: Path) -> None:
+    for args, fragment in (
+        ([f"checkpoint={tmp_path}"], str(tmp_path)),
+        (
+            [f"checkpoint={trained_run}", "latency_ticks=7"],
+            "latency_ticks=7 must be in [0, n_action_steps=4]",
+        ),
+    ):
+        result = subprocess.run(
+            [str(VENV_BIN / "scd-serve"), *args, "port=0"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "scd-serve: error:" in result.stderr and fragment in result.stderr, result.stderr[-2000:]
 
 
 def test_scd_eval_rolls_out_through_the_server(trained_run: Path, server: str, tmp_path: Path) -> None:
