@@ -105,7 +105,6 @@ class PolicyServer:
             raise ValueError(f"max_sessions must be >= 1, got {self.options.max_sessions}")
         self.task, self.camera = task, camera  # what the policy was trained on, told to clients
         self._free: list[PolicyRuntime] = []  # reusable slots
-        self._sessions = 0
         self._next_session = 0
         self._queue: asyncio.Queue[_Request] | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scd-serve-policy")
@@ -161,7 +160,7 @@ class PolicyServer:
     @property
     def sessions(self) -> int:
         """Connected sessions now."""
-        return self._sessions
+        return len(self._connected)
 
     @property
     def port(self) -> int:
@@ -219,7 +218,7 @@ class PolicyServer:
             body = {
                 "status": "ok",
                 "policy_type": self.policy.config.type,
-                "sessions": self._sessions,
+                "sessions": self.sessions,
                 "pid": os.getpid(),
             }
             return _respond(HTTPStatus.OK, json.dumps(body) + "\n", "application/json")
@@ -233,19 +232,18 @@ class PolicyServer:
     # ------------------------------------------------------------------ one session
 
     async def _session(self, connection: ServerConnection) -> None:
-        if self._sessions >= self.options.max_sessions:
+        if self.sessions >= self.options.max_sessions:
             message = f"the server is full ({self.options.max_sessions} sessions); try again later"
             with contextlib.suppress(ConnectionClosed):
                 await connection.send(protocol.pack(protocol.error(protocol.SERVER_FULL, message)))
                 await connection.close(protocol.CLOSE_TRY_AGAIN_LATER, "server full")
             return
         runtime = self._free.pop() if self._free else self._new_runtime()
-        self._sessions += 1
         self._connected.add(id(runtime))
         session = self._next_session
         self._next_session += 1
         self._start_episode(runtime, self.options.seed, 0)
-        log.info("session %d connected from %s (%d open)", session, connection.remote_address, self._sessions)
+        log.info("session %d connected from %s (%d open)", session, connection.remote_address, self.sessions)
         try:
             await connection.send(
                 protocol.pack(
@@ -267,10 +265,9 @@ class PolicyServer:
         except ConnectionClosed:
             pass
         finally:
-            self._sessions -= 1
             self._connected.discard(id(runtime))
             self._free.append(runtime)
-            log.info("session %d closed (%d open)", session, self._sessions)
+            log.info("session %d closed (%d open)", session, self.sessions)
 
     async def _answer(self, runtime: PolicyRuntime, frame: bytes | str) -> dict[str, Any]:
         try:
