@@ -2,13 +2,14 @@
 
 A task supplies physics accessors and four hooks — ``initialize_episode``, ``apply_action``,
 ``get_state``, ``get_reward`` / ``is_success`` — and this class turns them into a gymnasium env
-with dict observations (``state`` always, ``image`` when asked), a seeded RNG, ``info["success"]``
-and fast headless rendering.
+with dict observations (``state`` always, ``image`` and further camera keys when asked), a seeded RNG,
+``info["success"]`` and fast headless rendering.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ import gymnasium as gym
 import mujoco
 import numpy as np
 
-from envs.rendering import FastRenderer
+from envs.rendering import CameraSet, FastRenderer, image_cameras
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -43,7 +44,10 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray], ABC):
         image_size: int = 96,
         render_mode: str | None = None,
         render_size: int = 256,
+        cameras: Mapping[str, str] | None = None,
     ) -> None:
+        """``image=True`` observes ``image`` from ``camera``; ``cameras`` maps further observation keys
+        to cameras (``{"image_side": "side"}``), all rendered at ``image_size``."""
         self.model = mujoco.MjModel.from_xml_path(str(ASSETS / self.xml_file))
         self.data = mujoco.MjData(self.model)
         skip = 1.0 / (self.fps * float(self.model.opt.timestep))
@@ -54,19 +58,19 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray], ABC):
             )
         self.frame_skip = round(skip)  # physics steps per control step
         self.metadata = {**self.metadata, "render_fps": self.fps}
-        self.use_image = image
         self.camera = camera or self.default_camera
         self.image_size = image_size
         self.render_mode = render_mode
         self.render_size = render_size
+        named = [self.model.camera(i).name for i in range(self.model.ncam)]
+        self._cameras = CameraSet(self.model, image_cameras(image, self.camera, cameras, named), image_size)
         spaces: dict[str, gym.Space[Any]] = {
             "state": gym.spaces.Box(-np.inf, np.inf, (self.state_dim,), np.float32)
         }
-        if image:
-            spaces["image"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        for key in self._cameras.cameras:
+            spaces[key] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space: gym.spaces.Dict = gym.spaces.Dict(spaces)  # type: ignore[assignment]
         self.action_space = gym.spaces.Box(-1.0, 1.0, (self.action_dim,), np.float32)
-        self._obs_renderer: FastRenderer | None = None
         self._view_renderer: FastRenderer | None = None
         self._rng = np.random.default_rng()
         self._steps = 0
@@ -139,19 +143,14 @@ class MujocoTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray], ABC):
         return self._view_renderer.render(self.data)
 
     def close(self) -> None:
-        for renderer in (self._obs_renderer, self._view_renderer):
-            if renderer is not None:
-                renderer.close()
-        self._obs_renderer = self._view_renderer = None
+        self._cameras.close()
+        if self._view_renderer is not None:
+            self._view_renderer.close()
+        self._view_renderer = None
 
     # ---- helpers ----------------------------------------------------------------------------
     def _observation(self) -> dict[str, np.ndarray]:
-        obs = {"state": self.get_state().astype(np.float32)}
-        if self.use_image:
-            if self._obs_renderer is None:
-                self._obs_renderer = FastRenderer(self.model, self.image_size, self.camera)
-            obs["image"] = self._obs_renderer.render(self.data)
-        return obs
+        return {"state": self.get_state().astype(np.float32), **self._cameras.render(self.data)}
 
     def _info(self) -> dict[str, Any]:
         return {"success": bool(self.is_success()), "steps": self._steps, **self.task_info()}

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from envs.registry import Expert, TaskSpec, register_task
-from envs.rendering import FastRenderer
+from envs.rendering import CameraSet, FastRenderer, image_cameras
 
 STATE_DIM = 39
 ACTION_DIM = 4
@@ -51,6 +52,7 @@ class MetaWorldEnv(gym.Env[dict[str, Any], np.ndarray]):
         image_size: int = 96,
         render_mode: str | None = None,
         render_size: int = 256,
+        cameras: Mapping[str, str] | None = None,
     ) -> None:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
@@ -59,8 +61,7 @@ class MetaWorldEnv(gym.Env[dict[str, Any], np.ndarray]):
                 f"{env_name!r} is not a Meta-World v3 environment; known: {list(ALL_V3_ENVIRONMENTS)}"
             )
         camera = camera or CAMERAS[0]
-        if camera not in CAMERAS:
-            raise ValueError(f"Meta-World has no camera {camera!r}; available: {CAMERAS}")
+        wanted = image_cameras(image, camera, cameras, CAMERAS)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode={render_mode!r}; expected None or 'rgb_array'")
         if image_size < 8:
@@ -80,7 +81,6 @@ class MetaWorldEnv(gym.Env[dict[str, Any], np.ndarray]):
         self._mw: Any = mw  # Meta-World's classes are only partly typed
         self.env_name = env_name
 
-        self.use_image = image
         self.camera = camera
         self.image_size = image_size
         self.render_mode = render_mode
@@ -91,11 +91,11 @@ class MetaWorldEnv(gym.Env[dict[str, Any], np.ndarray]):
         spaces: dict[str, gym.Space[Any]] = {
             "state": gym.spaces.Box(self._state_low, self._state_high, (STATE_DIM,), np.float32)
         }
-        if image:
-            spaces["image"] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        for key in wanted:
+            spaces[key] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(spaces)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
-        self._obs_renderer: FastRenderer | None = None
+        self._cameras = CameraSet(mw.model, wanted, image_size, flip=True)  # Meta-World renders upside down
         self._view_renderer: FastRenderer | None = None
         self._steps = 0
 
@@ -138,20 +138,16 @@ class MetaWorldEnv(gym.Env[dict[str, Any], np.ndarray]):
         return self._view_renderer.render(self._mw.data)
 
     def close(self) -> None:
-        for renderer in (self._obs_renderer, self._view_renderer):
-            if renderer is not None:
-                renderer.close()
-        self._obs_renderer = self._view_renderer = None
+        self._cameras.close()
+        if self._view_renderer is not None:
+            self._view_renderer.close()
+        self._view_renderer = None
         self._mw.close()
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         # Meta-World clips step observations to its space but not the reset one; clip both.
-        obs = {"state": np.clip(state.astype(np.float32), self._state_low, self._state_high)}
-        if self.use_image:
-            if self._obs_renderer is None:
-                self._obs_renderer = FastRenderer(self._mw.model, self.image_size, self.camera, flip=True)
-            obs["image"] = self._obs_renderer.render(self._mw.data)
-        return obs
+        state = np.clip(state.astype(np.float32), self._state_low, self._state_high)
+        return {"state": state, **self._cameras.render(self._mw.data)}
 
 
 class MetaWorldExpert:

@@ -3,12 +3,21 @@
 Each task module under ``envs/`` calls :func:`register_task` at import; :func:`get_task`,
 :func:`make_env` and :func:`make_expert` import the built-in modules on first use so that
 ``import envs`` stays cheap (Meta-World is only imported when one of its tasks is built).
+
+Tasks from outside (docs/tasks.md): ``get_task("gym:<id>")`` and ``get_task("<module>:<factory>")``
+register an adapted env on demand (``envs.external``); modules that call ``register_task`` themselves
+are imported by :func:`import_task_modules` (the CLIs' ``task_module=`` option) or through the
+``scd_policy.tasks`` entry-point group of installed packages. The modules imported are remembered in
+the ``SCD_POLICY_TASK_MODULES`` environment variable, so that the "spawn" worker processes of
+collection and evaluation, which start from a fresh interpreter, register the same tasks.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import importlib.metadata
+import os
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +33,8 @@ _BUILTIN_MODULES = (
     "envs.tasks.push_t",
     "envs.metaworld_tasks",
 )
+TASK_MODULES_ENV = "SCD_POLICY_TASK_MODULES"  # comma-separated modules every process imports
+ENTRY_POINT_GROUP = "scd_policy.tasks"  # installed task packages: a module, or a function to call
 
 
 @dataclass(frozen=True)
@@ -53,11 +64,21 @@ class TaskSpec:
     # A multimodal task's ``info`` entry naming the mode an episode took (reach_around: "passed_side",
     # -1 left / +1 right); evaluation reports how the successes split over its final values.
     mode_metric: str = ""
+    # Every observation key the env returns without ``image=True`` and its per-step shape; empty for
+    # the built-in tasks, whose one such key is ``state`` (see ``observation_keys``).
+    observation_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)  # fixed keywords for the entry point
 
     @property
+    def observation_keys(self) -> dict[str, tuple[int, ...]]:
+        """Observation key -> per-step shape, as the env returns them (images excluded unless the env
+        returns them itself)."""
+        return dict(self.observation_shapes) or {"state": (self.state_dim,)}
+
+    @property
     def gym_id(self) -> str:
-        return f"scd/{self.name}"
+        # gymnasium reads "module:id" in an id as "import module first": no colon in ours.
+        return f"scd/{self.name.replace(':', '.')}"
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -81,9 +102,41 @@ def register_task(spec: TaskSpec) -> None:
 def _load_builtins() -> None:
     global _builtins_loaded
     if not _builtins_loaded:
+        _builtins_loaded = True
         for module in _BUILTIN_MODULES:
             importlib.import_module(module)
-        _builtins_loaded = True
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            loaded = entry_point.load()
+            if callable(loaded):
+                loaded()
+        import_task_modules(_modules_from_environment())
+
+
+def _modules_from_environment() -> list[str]:
+    return [name for name in os.environ.get(TASK_MODULES_ENV, "").split(",") if name]
+
+
+def import_task_modules(modules: Iterable[str]) -> None:
+    """Import modules that register tasks (``register_task``), here and in every process started from
+    this one (they are added to ``SCD_POLICY_TASK_MODULES``). The working directory is importable."""
+    from envs.external import ExternalTaskError, load_object
+
+    remembered = _modules_from_environment()
+    for module in modules:
+        module = module.strip()
+        if not module:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            # load_object retries with the working directory importable and words the error.
+            load_object(f"{module}:__name__", "task_module")
+        except Exception as error:
+            raise ExternalTaskError(f"task_module={module!r} failed to import: {error!r}") from error
+        if module not in remembered:
+            remembered.append(module)
+    if remembered:
+        os.environ[TASK_MODULES_ENV] = ",".join(remembered)
 
 
 def task_names(tag: str | None = None) -> list[str]:
@@ -93,9 +146,18 @@ def task_names(tag: str | None = None) -> list[str]:
 
 
 def get_task(name: str) -> TaskSpec:
+    """The registered task ``name``; ``gym:<id>`` and ``<module>:<factory>`` are registered on first use."""
     _load_builtins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown task {name!r}; registered tasks: {', '.join(task_names())}")
+        from envs.external import external_task_spec, is_external_source
+
+        if not is_external_source(name):
+            raise KeyError(
+                f"unknown task {name!r}; registered tasks: {', '.join(task_names())}. A task from outside "
+                "is gym:<gymnasium id>, <module>:<factory>, or a name registered by task_module=<module> "
+                "(docs/tasks.md)"
+            )
+        register_task(external_task_spec(name))
     return _REGISTRY[name]
 
 
@@ -108,26 +170,42 @@ def make_env(
     render_mode: str | None = None,
     render_size: int = 256,
     max_episode_steps: int | None = None,
+    cameras: Mapping[str, str] | None = None,
 ) -> gym.Env[Any, Any]:
-    """Build a task's env with dict observations (``state``; ``image`` when ``image=True``);
+    """Build a task's env with dict observations (``state``; ``image`` when ``image=True``, from
+    ``camera``; one more image key per entry of ``cameras``, observation key -> camera name);
     ``render()`` frames (``render_mode="rgb_array"``) are ``render_size`` pixels square."""
     spec = get_task(name)
-    if camera is not None and camera not in spec.cameras:
-        raise ValueError(f"task {name!r} has no camera {camera!r}; available: {spec.cameras}")
+    for wanted in [camera, *(cameras or {}).values()]:
+        if wanted is not None and wanted not in spec.cameras:
+            raise ValueError(f"task {name!r} has no camera {wanted!r}; available: {spec.cameras}")
+    # Only asked of envs that are given some (a user's env need not take the keyword).
+    extra: dict[str, Any] = {"cameras": dict(cameras)} if cameras else {}
     return gym.make(
         spec.gym_id,
         image=image,
-        camera=camera or spec.cameras[0],
+        camera=camera or (spec.cameras[0] if spec.cameras else None),
         image_size=image_size,
         render_mode=render_mode,
         render_size=render_size,
         max_episode_steps=max_episode_steps or spec.max_episode_steps,
+        **extra,
     )
 
 
-def make_expert(name: str, seed: int = 0) -> Expert:
-    """The task's scripted expert, seeded (its random choices are reproducible)."""
-    module_name, _, attr = get_task(name).expert_entry_point.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
+def make_expert(name: str, seed: int = 0, entry_point: str | None = None) -> Expert:
+    """The task's scripted expert (or the ``<module>:<factory>`` given as ``entry_point``), seeded:
+    its random choices are reproducible."""
+    from envs.external import ExternalTaskError, load_object
+
+    path = entry_point or get_task(name).expert_entry_point
+    if not path:
+        raise ExternalTaskError(
+            f"task {name!r} has no scripted expert; pass expert=<module>:<factory> with "
+            "factory(seed) -> expert(obs, info) -> action in [-1, 1] (docs/tasks.md)"
+        )
+    factory = load_object(path, "expert")
     expert: Expert = factory(seed)
+    if not callable(expert):
+        raise ExternalTaskError(f"expert={path!r} returned {type(expert).__name__}, not a callable expert")
     return expert

@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm import tqdm
 
 import scd_policy
-from envs.registry import TaskSpec, get_task, make_env, make_expert
+from envs.external import ExternalTaskError
+from envs.registry import TaskSpec, get_task, import_task_modules, make_env, make_expert
 from scd_policy.config import ConfigError
 from scd_policy.errors import debug_requested, describe_os_error
 
@@ -61,11 +62,16 @@ class CollectError(ValueError):
 class CollectConfig:
     """Options of ``scd-collect`` (the schema behind configs/collect.yaml)."""
 
-    task: str = MISSING  # a registered task name (see envs.registry.task_names())
+    # A registered task name (envs.registry.task_names()), gym:<gymnasium id> or <module>:<factory>
+    # (docs/tasks.md).
+    task: str = MISSING
     episodes: int = 50  # successful episodes to add
     out: str = MISSING  # the replay buffer (.zarr directory); appended to when it exists
     image: bool = False  # also record camera images
     camera: str | None = None  # None: the task's default camera
+    # More cameras, each recorded as its own key image_<camera> (e.g. [top, side]; image=true is not
+    # needed for them).
+    cameras: list[str] = field(default_factory=list)
     image_size: int = 96  # square image side in pixels
     seed: int = 0  # first seed of a new dataset
     workers: int = 2  # parallel worker processes (0: run in this process)
@@ -77,6 +83,12 @@ class CollectConfig:
     # expert's own paths, labelled with the expert's correction, which is what a policy needs to recover
     # from its own small errors. 0: execute the expert's actions as they are.
     exec_noise: float = 0.0
+    # <module>:<factory> with factory(seed) -> expert(obs, info) -> action in [-1, 1]; None: the task's own.
+    expert: str | None = None
+    task_module: str | None = None  # a module to import first that registers tasks (register_task)
+    # Keep only the episodes the expert succeeded in; false keeps every episode (e.g. for an env that
+    # reports no success, or to record failures on purpose).
+    only_successes: bool = True
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
@@ -126,13 +138,18 @@ class EnvOptions:
     image_size: int
     max_episode_steps: int
     exec_noise: float = 0.0
+    cameras: tuple[str, ...] = ()  # further cameras, recorded as image_<camera>
+    expert: str | None = None  # <module>:<factory> replacing the task's own expert
+    task_module: str | None = None  # the module that registers the task (recorded in the card)
 
 
 @dataclass
 class Episode:
     seed: int
     success: bool
-    data: dict[str, np.ndarray]  # state (T, Ds) float32, action (T, Da) float32, image (T, H, W, 3) uint8
+    # Per observation key (T, ...) as the env returns it (state (T, Ds) float32, image (T, H, W, 3)
+    # uint8 for the built-in tasks) and action (T, Da) float32.
+    data: dict[str, np.ndarray]
 
 
 class EpisodeRunner:
@@ -146,10 +163,11 @@ class EpisodeRunner:
             camera=options.camera,
             image_size=options.image_size,
             max_episode_steps=options.max_episode_steps,
+            cameras=camera_keys(options),
         )
 
     def run(self, seed: int) -> Episode:
-        expert = make_expert(self.options.task, seed)
+        expert = make_expert(self.options.task, seed, self.options.expert)
         obs, info = self.env.reset(seed=seed)
         # Its own stream, so the env and expert streams of a seed are the same with or without noise.
         noise = np.random.default_rng([seed, 0x5EED])
@@ -169,7 +187,6 @@ class EpisodeRunner:
             if terminated or truncated:
                 break
         data = {key: np.stack(values) for key, values in frames.items()}
-        data["state"] = data["state"].astype(np.float32)
         return Episode(seed=seed, success=bool(info["success"]), data=data)
 
     def close(self) -> None:
@@ -212,10 +229,16 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def camera_keys(options: EnvOptions) -> dict[str, str]:
+    """The further cameras' observation keys: image_<camera> -> camera."""
+    return {f"image_{camera}": camera for camera in options.cameras}
+
+
 def expected_shapes(spec: TaskSpec, options: EnvOptions) -> dict[str, list[int]]:
-    shapes = {"state": [spec.state_dim], "action": [spec.action_dim]}
-    if options.image:
-        shapes["image"] = [options.image_size, options.image_size, 3]
+    shapes = {key: list(shape) for key, shape in spec.observation_keys.items()}
+    shapes["action"] = [spec.action_dim]
+    for key in [*(["image"] if options.image else []), *camera_keys(options)]:
+        shapes[key] = [options.image_size, options.image_size, 3]
     return shapes
 
 
@@ -224,10 +247,12 @@ def _new_card(spec: TaskSpec, options: EnvOptions) -> dict[str, Any]:
         "task": spec.name,
         "task_tags": list(spec.tags),
         "success_criterion": spec.success,
-        "expert": spec.expert_entry_point,
+        "expert": options.expert or spec.expert_entry_point,
+        "task_module": options.task_module,
         "image": options.image,
         "camera": options.camera if options.image else None,
-        "image_size": options.image_size if options.image else None,
+        "cameras": camera_keys(options),
+        "image_size": options.image_size if options.image or options.cameras else None,
         "max_episode_steps": options.max_episode_steps,
         "exec_noise": options.exec_noise,
         "episode_seeds": [],  # the seed of every stored episode, in storage order
@@ -285,7 +310,8 @@ def _check_compatible(buffer: ReplayBuffer, spec: TaskSpec, options: EnvOptions)
         log.warning("%s holds %d episodes but its card lists %d seeds", where, buffer.n_episodes, len(seeds))
     card["image"] = options.image
     card["camera"] = options.camera if options.image else None
-    card["image_size"] = options.image_size if options.image else None
+    card["image_size"] = options.image_size if options.image or options.cameras else None
+    card["cameras"] = camera_keys(options)
     return card
 
 
@@ -382,12 +408,25 @@ def collect(cfg: CollectConfig, *, progress: bool = True) -> CollectReport:
     calling script: call this from under ``if __name__ == "__main__":`` in a script of your own.
     """
     try:
+        import_task_modules([cfg.task_module] if cfg.task_module else [])
         spec = get_task(cfg.task)
+        if cfg.expert is None and not spec.expert_entry_point:
+            make_expert(spec.name)  # raises the "no scripted expert; pass expert=..." message
+        if cfg.expert is not None:
+            make_expert(spec.name, 0, cfg.expert)  # a bad path fails here, not in every worker
     except KeyError as exc:
         raise CollectError(str(exc.args[0])) from exc
-    camera = cfg.camera or spec.cameras[0]
-    if camera not in spec.cameras:
-        raise CollectError(f"task {spec.name!r} has no camera {camera!r}; available: {list(spec.cameras)}")
+    except ExternalTaskError as exc:
+        raise CollectError(str(exc)) from exc
+    camera = cfg.camera or (spec.cameras[0] if spec.cameras else "")
+    for wanted in [*([camera] if cfg.image or cfg.camera else []), *cfg.cameras]:
+        if wanted not in spec.cameras:
+            raise CollectError(
+                f"task {spec.name!r} has no camera {wanted!r}; available: {list(spec.cameras)}"
+                if spec.cameras
+                else f"task {spec.name!r} cannot render images (its env has no rgb_array render mode); "
+                "collect without image=true and cameras="
+            )
     options = EnvOptions(
         task=spec.name,
         image=cfg.image,
@@ -395,6 +434,9 @@ def collect(cfg: CollectConfig, *, progress: bool = True) -> CollectReport:
         image_size=cfg.image_size,
         max_episode_steps=cfg.max_episode_steps or spec.max_episode_steps,
         exec_noise=cfg.exec_noise,
+        expert=cfg.expert,
+        task_module=cfg.task_module,
+        cameras=tuple(dict.fromkeys(cfg.cameras)),
     )
     stop = _StopRequest()
     with _signals_request_stop(stop):
@@ -460,12 +502,13 @@ def _collect_into(
             card["expert_success_rate"] = card["successes"] / card["attempts"]
             card["next_seed"] = episode.seed + 1
             card["updated"] = _now()
-            run_record.update(attempts=attempts, saved=saved + int(episode.success))
-            if episode.success:
+            keep = episode.success or not cfg.only_successes
+            run_record.update(attempts=attempts, saved=saved + int(keep))
+            if keep:
                 card["episode_seeds"] = [*card["episode_seeds"], episode.seed]
             # Card first, data second: a crash in between drops the episode but never reuses its seed.
             buffer.update_meta(card=card)
-            if episode.success:
+            if keep:
                 buffer.append_episode(episode.data)
                 saved += 1
                 bar.update(1)
@@ -533,12 +576,16 @@ def run_collection(cfg: CollectConfig, *, progress: bool = True) -> int:
     if report.saved < cfg.episodes:
         log.error(
             "Only %d of %d episodes succeeded within max_attempts=%d (expert success %s); they are saved in "
-            "%s. Re-run to append more, or raise max_attempts.",
+            "%s. Re-run to append more, or raise max_attempts.%s",
             report.saved,
             cfg.episodes,
             cfg.attempt_budget,
             rate,
             report.path,
+            " An env that reports no success (info['success'] / info['is_success']) never succeeds: "
+            "only_successes=false keeps every episode"
+            if report.saved == 0
+            else "",
         )
         return EXIT_INCOMPLETE
     log.info(

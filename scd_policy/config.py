@@ -316,10 +316,16 @@ class EvalConfig:
 class ExperimentConfig:
     """The whole run: what ``scd-train`` composes and a checkpoint stores (resolved)."""
 
-    task: str = ""  # registered task name (envs.registry); rollouts need it, training alone does not
+    # The task of the rollouts: a registered name (envs.registry), gym:<id> or <module>:<factory>
+    # (docs/tasks.md); training alone does not need one.
+    task: str = ""
+    task_module: str | None = None  # a module that registers the task (imported first; see docs/tasks.md)
     dataset: str = ""  # the replay buffer to train on; configs/train.yaml routes it into data.path
     out: str = "runs/default"  # the run folder: checkpoints, logs, evaluation results
     camera: str | None = None  # image policies: the camera the data was collected with (from its card)
+    # Image keys other than `image` -> the camera that renders each in rollouts (from the dataset card;
+    # a key named after a camera, image_<camera>, needs no entry).
+    cameras: dict[str, str] = field(default_factory=dict)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -349,15 +355,19 @@ def policy_config_from_dict(values: dict[str, Any]) -> PolicyConfig:
     return PolicyConfig(**values)
 
 
-def task_spec(name: str) -> Any:
-    """The registered task ``name`` (an ``envs.registry.TaskSpec``); an unknown one is a ``ConfigError``
-    naming it and the registered tasks."""
-    from envs.registry import get_task
+def task_spec(name: str, module: str | None = None) -> Any:
+    """The task ``name`` (an ``envs.registry.TaskSpec``), after importing ``module`` (a ``task_module=``
+    that registers it); an unknown or unbuildable one is a ``ConfigError`` naming it and the fix."""
+    from envs.external import ExternalTaskError
+    from envs.registry import get_task, import_task_modules
 
     try:
+        import_task_modules([module] if module else [])
         return get_task(name)
     except KeyError as error:
         raise ConfigError(f"task={name!r}: {error.args[0]}") from None
+    except ExternalTaskError as error:
+        raise ConfigError(str(error)) from None
 
 
 def resolve_config(cfg: DictConfig, schema: type[T]) -> T:

@@ -4,7 +4,9 @@ stored image becomes what a policy reads. Numpy only, so every layer can import 
 - Stored per-step shapes (replay buffers, env observations): images are HWC, 1, 3 or 4 channels, uint8
   0..255 (Diffusion Policy's buffers also hold float 0..255); everything else is low-dimensional.
 - Policy shapes (``PolicyConfig.input_shapes``): images are CHW float in [0, 1]; any 3-D shape there
-  is an image, because ``policy_shape`` is the only way one gets there.
+  is an image, because ``policy_shape`` is the only way one gets there. Every other key is a vector:
+  a multi-dimensional low-dimensional array (Diffusion Policy's PushT ``keypoint`` (9, 2)) is
+  flattened ((18,)), in row-major order, by ``steps_to_policy``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,20 @@ def is_policy_image(shape: Sequence[int]) -> bool:
 
 
 def policy_shape(step_shape: Sequence[int]) -> list[int]:
-    """A stored per-step shape as the policy sees it: HWC images become CHW, others stay as they are."""
+    """A stored per-step shape as the policy sees it: HWC images become CHW, anything else a vector."""
     shape = [int(d) for d in step_shape]
     if is_image_shape(shape):
         height, width, channels = shape
         return [channels, height, width]
-    return shape
+    return [int(np.prod(shape))] if shape else [1]
+
+
+def steps_to_policy(values: np.ndarray, step_shape: Sequence[int]) -> np.ndarray:
+    """Stored steps (N, *step_shape) -> what the policy reads: images as ``images_to_policy``, other
+    keys float32 vectors (N, prod(step_shape))."""
+    if is_image_shape(step_shape):
+        return images_to_policy(values)
+    return np.asarray(values, dtype=np.float32).reshape(len(values), -1)
 
 
 def images_to_policy(frames: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from envs.registry import get_task, make_env
 from scd_policy.config import ConfigError, EvalConfig, task_spec
+from scd_policy.conventions import is_policy_image
 from scd_policy.io import atomic_write_text
 from scd_policy.policies import Policy, load_policy
 from scd_policy.runtime import PolicyRuntime
@@ -42,21 +43,50 @@ class EnvSettings:
     """How to build the task's environment so that it produces what the policy reads."""
 
     task: str
-    image: bool = False
+    image: bool = False  # observe ``image`` from ``camera`` (None: the task's first camera)
     camera: str | None = None
     image_size: int = 96
+    cameras: tuple[tuple[str, str], ...] = ()  # further image keys: (observation key, camera name)
 
     @classmethod
-    def for_policy(cls, task: str, policy: Policy, camera: str | None = None) -> EnvSettings:
-        return cls.for_inputs(task, policy.config.input_shapes, camera)
+    def for_policy(
+        cls, task: str, policy: Policy, camera: str | None = None, cameras: Mapping[str, str] | None = None
+    ) -> EnvSettings:
+        return cls.for_inputs(task, policy.config.input_shapes, camera, cameras)
 
     @classmethod
     def for_inputs(
-        cls, task: str, shapes: Mapping[str, Sequence[int]], camera: str | None = None
+        cls,
+        task: str,
+        shapes: Mapping[str, Sequence[int]],
+        camera: str | None = None,
+        cameras: Mapping[str, str] | None = None,
     ) -> EnvSettings:
-        if "image" in shapes:
-            return cls(task=task, image=True, camera=camera, image_size=int(shapes["image"][-1]))
-        return cls(task=task)
+        """The env settings that render every image key of ``shapes`` (policy shapes, CHW), whatever
+        its name: ``image`` from ``camera``; any other key from ``cameras[key]``, else the camera the
+        key is named after (``image_side`` or ``side`` -> the task's camera ``side``)."""
+        images = {key: [int(d) for d in shape] for key, shape in shapes.items() if is_policy_image(shape)}
+        if not images:
+            return cls(task=task)
+        sizes = {(shape[1], shape[2]) for shape in images.values()}
+        if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+            raise ConfigError(
+                f"the policy reads images of sizes {sorted(sizes)} (H, W); rollouts render one square size "
+                "for every camera"
+            )
+        available = task_spec(task).cameras
+        extra = {
+            key: camera_for_key(key, task, available, cameras or {})
+            for key in sorted(images)
+            if key != "image"
+        }
+        return cls(
+            task=task,
+            image="image" in images,
+            camera=camera,
+            image_size=next(iter(sizes))[0],
+            cameras=tuple(extra.items()),
+        )
 
     def env_fn(self, render_size: int | None) -> Callable[[], gym.Env[Any, Any]]:
         def build() -> gym.Env[Any, Any]:
@@ -67,10 +97,24 @@ class EnvSettings:
                 image_size=self.image_size,
                 render_mode="rgb_array" if render_size else None,
                 render_size=render_size or 256,
+                cameras=dict(self.cameras),
             )
             return env
 
         return build
+
+
+def camera_for_key(key: str, task: str, available: Sequence[str], cameras: Mapping[str, str]) -> str:
+    """The camera that renders the policy's image key ``key`` on ``task``."""
+    if key in cameras:
+        return cameras[key]
+    for name in (key.removeprefix("image_"), key):
+        if name in available:
+            return name
+    raise ConfigError(
+        f"the policy reads image key {key!r}, but task {task!r} has no camera named after it (cameras: "
+        f"{list(available)}); say which camera renders it with cameras={{{key}: <camera>}}"
+    )
 
 
 def _stack_obs(obs: dict[str, np.ndarray], keys: list[str]) -> dict[str, np.ndarray]:
@@ -146,6 +190,13 @@ def evaluate_runtime(
     max_steps = cfg.max_steps or spec.max_episode_steps
     n_envs = min(cfg.n_envs, cfg.episodes)
     record = cfg.videos > 0 and video_dir is not None
+    if record and not spec.cameras:
+        log.warning(
+            "no videos: task %s cannot render (its env has no rgb_array render mode); eval.videos=0 "
+            "silences this",
+            settings.task,
+        )
+        record = False
     env_fns = [settings.env_fn(cfg.video_size if (record and i == 0) else None) for i in range(n_envs)]
     envs: gym.vector.AsyncVectorEnv | gym.vector.SyncVectorEnv
     if n_envs > 1:
@@ -394,7 +445,10 @@ class EvalRunConfig(EvalConfig):
     checkpoint: str = ""  # a run folder, a checkpoints/step_* folder, or a policy folder
     out: str = "results.json"  # results JSON; videos go to <out stem>_videos/
     task: str | None = None  # default: the task of the run the checkpoint came from
+    task_module: str | None = None  # default: that run's task_module (a module registering the task)
     camera: str | None = None  # default: the camera of that run
+    # Image keys other than `image` -> the camera rendering each (default: that run's, else by name).
+    cameras: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
     # Roll out through an scd-serve server instead (ws://host:port; checkpoint not needed), one session
     # per parallel environment; token: its shared secret.
@@ -425,8 +479,10 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
     task = cfg.task or str(run_cfg.get("task") or "")
     if not task:
         raise ConfigError(f"no task recorded for {policy_dir}; pass task=<name>")
-    task_spec(task)
+    task_spec(task, cfg.task_module or _optional_str(run_cfg.get("task_module")))
     camera = cfg.camera or (str(run_cfg["camera"]) if run_cfg.get("camera") else None)
+    recorded = run_cfg.get("cameras")
+    cameras = {**(recorded if isinstance(recorded, dict) else {}), **cfg.cameras}
     policy = load_policy(policy_dir, device=cfg.device)
     log.info(
         "evaluating %s (%s) on %s: %d episodes x %d seeds",
@@ -439,7 +495,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
     out = _results_path(cfg)
     results = evaluate(
         policy,
-        EnvSettings.for_policy(task, policy, camera),
+        EnvSettings.for_policy(task, policy, camera, cameras),
         _eval_config(cfg),
         results_path=out,
         video_dir=out.parent / f"{out.stem}_videos",
@@ -447,6 +503,10 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
     )
     _log_results(results, out)
     return results
+
+
+def _optional_str(value: object) -> str | None:
+    return str(value) if value else None
 
 
 def _eval_config(cfg: EvalRunConfig) -> EvalConfig:
@@ -481,7 +541,7 @@ def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"the server at {cfg.server} does not say which task its policy is for; pass task=<name>"
             )
-        task_spec(task)
+        task_spec(task, cfg.task_module)
         shapes = {key: list(value["shape"]) for key, value in meta["observations"].items()}
         camera = cfg.camera or meta.get("camera")
         log.info(
@@ -502,7 +562,7 @@ def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
             open_runtime,
             list(shapes),
             str(meta["policy_type"]),
-            EnvSettings.for_inputs(task, shapes, camera),
+            EnvSettings.for_inputs(task, shapes, camera, {**meta.get("cameras", {}), **cfg.cameras}),
             _eval_config(cfg),
             results_path=out,
             video_dir=out.parent / f"{out.stem}_videos",

@@ -22,7 +22,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from scd_policy.config import POLICY_TYPES, ConfigError, ExperimentConfig, resolve_config
+from scd_policy.config import POLICY_TYPES, ConfigError, ExperimentConfig, resolve_config, task_spec
 from scd_policy.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class QualityConfig:
     """What to train and evaluate. Every run of the sweep gets the same budget; see ``scd-quality --help``."""
 
     out: str = "quality"  # the sweep's folder: data/, runs/, quality.json, quality.md, quality.png
-    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))  # state-based cells
+    # State-based cells: registered names, gym:<id> or <module>:<factory> (docs/tasks.md).
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    task_module: str | None = None  # a module that registers tasks (register_task), imported first
     image_tasks: list[str] = field(default_factory=lambda: list(DEFAULT_IMAGE_TASKS))  # camera cells
     # What an image-based policy reads: the camera alone by default (every task's state vector holds
     # the object poses, which would make the camera redundant).
@@ -99,12 +101,8 @@ class QualityConfig:
             raise ConfigError(f"train_seeds={self.train_seeds}: expected distinct training seeds")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
-        from envs.registry import task_names
-
-        known = task_names()
-        missing = sorted((set(self.tasks) | set(self.image_tasks)) - set(known))
-        if missing:
-            raise ConfigError(f"unknown tasks {missing}; registered tasks: {known}")
+        for task in dict.fromkeys([*self.tasks, *self.image_tasks]):
+            task_spec(task, self.task_module)  # an unknown task fails here, naming the registered ones
 
 
 @dataclass(frozen=True)
@@ -216,6 +214,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
             image=cell.image,
             image_size=cfg.image_size,
             workers=cfg.workers,
+            task_module=cfg.task_module,
         ),
         cfg.demos,
     )
@@ -247,6 +246,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         EvalRunConfig(
             checkpoint=str(policy_dir),
             task=cell.task,
+            task_module=cfg.task_module,
             episodes=cfg.episodes,
             seeds=list(cfg.seeds),
             n_envs=cfg.n_envs,

@@ -171,7 +171,7 @@ def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"tasks": ["no_such_task"]}, "unknown tasks ['no_such_task']; registered tasks:"),
+        ({"tasks": ["no_such_task"]}, "unknown task 'no_such_task'; registered tasks:"),
         ({"policies": ["scd", "ppo"]}, "expected a non-empty subset of"),
         ({"tasks": [], "image_tasks": []}, "nothing to run"),
         ({"seeds": []}, "at least one evaluation seed"),
@@ -196,7 +196,7 @@ def test_command_line_help_and_bad_values() -> None:
     args = ["size=tiny", "policy.decoder_layers=1", "overrides=['train.lr=1e-4']", "tasks=[no_such_task]"]
     bad = subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
-    assert "configuration error: unknown tasks ['no_such_task']" in bad.stderr
+    assert "configuration error: task='no_such_task': unknown task 'no_such_task'" in bad.stderr
 
 
 @pytest.mark.slow

@@ -199,7 +199,7 @@ SPEC = TaskSpec(
     fps=ReachAroundEnv.fps,
     max_episode_steps=90,
     success="the puck's centre is within 3 cm of the goal (pushed around the obstacle, either side)",
-    cameras=("top",),
+    cameras=("top", "side"),
     tags=("own", "multimodal"),
     mode_metric="passed_side",
     # Replanning at every tick: 71% -> 100% (training seed 0) and 50% -> 96% (seed 1) against 8 actions

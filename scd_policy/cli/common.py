@@ -56,10 +56,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     file, key or value and the fix, so a command prints that one line instead of a traceback.
     (Imported here, not at the top: ``--help`` of a command must not wait for torch and zarr.)"""
 
+    from envs.external import ExternalTaskError
     from scd_policy.serve.client import ServerConnectionError, ServerError
 
     return (
         ConfigError,
+        ExternalTaskError,
         DatasetError,
         CheckpointError,
         FloatingPointError,

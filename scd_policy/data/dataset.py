@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from scd_policy.config import DataConfig, PolicyConfig
-from scd_policy.conventions import images_to_policy, is_image_shape, policy_shape
+from scd_policy.conventions import is_image_shape, policy_shape, steps_to_policy
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 
 
@@ -138,9 +138,7 @@ class WindowedDataset(Dataset[dict[str, torch.Tensor]]):
         act_idx, act_pad = self.window_indices(index, self.action_offsets)
         sample: dict[str, torch.Tensor] = {}
         for key in self.obs_keys:
-            values = self.buffer.get_steps(key, obs_idx)
-            if key in self._images:
-                values = images_to_policy(values)
+            values = steps_to_policy(self.buffer.get_steps(key, obs_idx), self.buffer.shapes[key])
             sample[key] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
         actions = self.buffer.get_steps(self.action_key, act_idx)
         sample["action"] = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32))

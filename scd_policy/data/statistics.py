@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from scd_policy.conventions import images_to_policy, is_image_shape, policy_shape
+from scd_policy.conventions import policy_shape, steps_to_policy
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 from scd_policy.models.normalizer import Normalizer, RunningStats, stat_shape
 
@@ -36,7 +36,6 @@ def fit_normalizer(
             continue
         name = rename.get(key, key)
         stats = RunningStats.empty(stat_shape(shapes[name]))
-        image = is_image_shape(buffer.shapes[key])
         for episode in ids:
             span = buffer.episode_slice(int(episode))
             values = buffer.get_steps(key, np.arange(span.start, span.stop))
@@ -46,7 +45,7 @@ def fit_normalizer(
                     f"data/{key} in {buffer.path} holds NaN or inf (episode {int(episode)}, its step "
                     f"{step}); the policy cannot be fitted on it — clean or re-record that episode"
                 )
-            stats.update(images_to_policy(values) if image else values)
+            stats.update(steps_to_policy(values, buffer.shapes[key]))
         normalizer.set_stats(name, *stats.offset_scale(mode))
     normalizer.fitted.fill_(True)
     return normalizer

@@ -15,6 +15,7 @@ from scd_policy.config import (
     resolve_config,
     task_spec,
 )
+from scd_policy.conventions import is_image_shape, policy_shape
 from scd_policy.data.replay_buffer import DatasetError, ReplayBuffer
 from scd_policy.policies import Policy
 from scd_policy.training.trainer import RolloutFn, train
@@ -33,7 +34,7 @@ def rollout_during_training(cfg: ExperimentConfig, run_dir: Path) -> RolloutFn |
     eval_cfg = replace(cfg.eval, seeds=cfg.eval.seeds[:1], videos=0)
 
     def run(policy: Policy, step: int) -> dict[str, float]:
-        settings = EnvSettings.for_policy(cfg.task, policy, cfg.camera)
+        settings = EnvSettings.for_policy(cfg.task, policy, cfg.camera, cfg.cameras)
         results_path = run_dir / "eval" / f"step_{step:08d}.json"
         results = evaluate(policy, settings, eval_cfg, results_path=results_path, progress=False)
         return {key: float(results[key]) for key in ("success_rate", "mean_return", "latency_ms_p50")}
@@ -110,21 +111,44 @@ def warn_if_history_too_short(cfg: ExperimentConfig, task: str | None) -> bool:
 
 
 def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> None:
-    """Before the first step: the task exists and the dataset's state/action shapes fit its spaces."""
+    """Before the first step: the task exists, and every key the policy reads from the dataset is one
+    the task's env observes, with the same size (and the actions fit its action space); images need a
+    task that renders. The message names both sides and the way out."""
     if not cfg.task:
         return
-    spec = task_spec(cfg.task)
-    checks = [(cfg.data.action_key, (spec.action_dim,), "action space")]
-    if "state" in cfg.data.obs_keys:
-        checks.append(("state", (spec.state_dim,), "state observation"))
-    for key, want, what in checks:
+    spec = task_spec(cfg.task, cfg.task_module)
+    observed = {key: policy_shape(shape) for key, shape in spec.observation_keys.items()}
+    fix = (
+        f"this dataset was not recorded on {cfg.task}: pass the task it was recorded on, set data.obs_keys "
+        "to keys both have, or task=null to train without rollouts"
+    )
+    for key in cfg.data.obs_keys:
         have = buffer.shapes.get(key)
-        if have is not None and tuple(have) != want:
+        if have is None:  # make_datasets names the missing key
+            continue
+        if is_image_shape(have):
+            if not spec.cameras:
+                raise DatasetError(
+                    f"data/{key} in {buffer.path} holds images, but task={cfg.task}'s env cannot render "
+                    f"(no cameras); {fix}"
+                )
+            continue
+        if key not in observed:
             raise DatasetError(
-                f"data/{key} in {buffer.path} has per-step shape {list(have)} but task={cfg.task}'s {what} "
-                f"is {list(want)}: this dataset was not recorded on {cfg.task}; pass the task it was "
-                "recorded on, or task=null to train without rollouts"
+                f"data/{key} in {buffer.path} is an observation the policy would read, but task={cfg.task}'s "
+                f"env observes only {sorted(observed)} (plus rendered images); {fix}"
             )
+        if policy_shape(have) != observed[key]:
+            raise DatasetError(
+                f"data/{key} in {buffer.path} has per-step shape {list(have)} but task={cfg.task}'s {key!r} "
+                f"observation is {list(spec.observation_keys[key])}; {fix}"
+            )
+    have = buffer.shapes.get(cfg.data.action_key)
+    if have is not None and tuple(have) != (spec.action_dim,):
+        raise DatasetError(
+            f"data/{cfg.data.action_key} in {buffer.path} has per-step shape {list(have)} but "
+            f"task={cfg.task}'s action space is {[spec.action_dim]}; {fix}"
+        )
 
 
 def run_training(cfg: ExperimentConfig) -> Path:
@@ -137,8 +161,19 @@ def run_training(cfg: ExperimentConfig) -> Path:
 
     buffer = ReplayBuffer.open(cfg.data.path) if cfg.data.path else None
     card: dict[str, Any] = buffer.meta if buffer is not None else {}
-    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys) and card.get("camera"):
-        cfg = replace(cfg, camera=str(card["camera"]))
+    collect_card: dict[str, Any] = card["card"] if isinstance(card.get("card"), dict) else {}
+    recorded_module = collect_card.get("task_module")
+    if cfg.task and cfg.task_module is None and recorded_module:
+        # The dataset was collected on a task a module registers: rollouts need that module too.
+        cfg = replace(cfg, task_module=str(recorded_module))
+    if cfg.task:
+        task_spec(cfg.task, cfg.task_module)  # an unknown task fails now, not after training
+    recorded_camera = collect_card.get("camera") or card.get("camera")
+    if cfg.camera is None and any(key != "state" for key in cfg.data.obs_keys) and recorded_camera:
+        cfg = replace(cfg, camera=str(recorded_camera))
+    recorded_cameras = collect_card.get("cameras") or card.get("cameras")
+    if isinstance(recorded_cameras, dict) and recorded_cameras:
+        cfg = replace(cfg, cameras={**{str(k): str(v) for k, v in recorded_cameras.items()}, **cfg.cameras})
     if buffer is not None:
         check_dataset_against_task(cfg, buffer)
     if not cfg.task:
