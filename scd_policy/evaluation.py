@@ -541,7 +541,7 @@ def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
             raise ConfigError(
                 f"the server at {cfg.server} does not say which task its policy is for; pass task=<name>"
             )
-        task_spec(task, cfg.task_module)
+        task_spec(task, cfg.task_module or _optional_str(meta.get("task_module")))
         shapes = {key: list(value["shape"]) for key, value in meta["observations"].items()}
         camera = cfg.camera or meta.get("camera")
         log.info(

@@ -84,13 +84,20 @@ class ImportPlan:
     """Which LeRobot feature becomes which buffer key (ours -> LeRobot's), decided from info.json alone."""
 
     keys: dict[str, str]
-    image_is_video: bool
+    images: dict[str, str]  # our image keys -> their camera names (``image`` for a single camera)
+    videos: list[str]  # those of our image keys stored as video there
     skipped: list[str]
 
 
 def camera_keys(features: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The LeRobot features holding camera frames (dtype "image" or "video"), sorted."""
     return sorted(key for key, ft in features.items() if ft.get("dtype") in ("image", "video"))
+
+
+def _camera_name(key: str) -> str:
+    """A LeRobot camera feature's name: the part after ``observation.images.`` (``image`` for LeRobot's
+    single-camera ``observation.image``), dots made underscores so that it is a plain key."""
+    return key.removeprefix(LEROBOT_IMAGES_PREFIX).replace(".", "_") if key != LEROBOT_IMAGE else "image"
 
 
 def _camera_matches(key: str, camera: str) -> bool:
@@ -132,9 +139,10 @@ def plan_import(
 ) -> ImportPlan:
     """Decide the key mapping for an import from LeRobot's feature table (``meta/info.json``).
 
-    ``camera`` picks the camera that becomes ``image`` (its full key or the part after
-    ``observation.images.``); it is required when the dataset has several. ``images=False`` drops
-    every camera (a state-only buffer).
+    ``camera`` picks the one camera that becomes ``image`` (its full key or the part after
+    ``observation.images.``); a single camera becomes ``image`` too. Without ``camera``, several cameras
+    become one key each, ``image_<camera>`` (``observation.images.wrist`` -> ``image_wrist``), and the
+    card maps each key to its camera. ``images=False`` drops every camera (a state-only buffer).
     """
     available = sorted(features)
     if LEROBOT_ACTION not in features:
@@ -147,24 +155,25 @@ def plan_import(
             keys[ours] = theirs
 
     cameras = camera_keys(features)
-    chosen: str | None = None
+    chosen: dict[str, str] = {}  # our key -> their camera feature
     if camera is not None and not images:
         raise ConversionError("a camera was chosen but images are disabled; drop one of the two options")
     if camera is not None:
         matches = [key for key in cameras if _camera_matches(key, camera)]
         if not matches:
             raise ConversionError(f"the LeRobot dataset has no camera {camera!r}; its cameras are {cameras}")
-        chosen = matches[0]
+        chosen = {"image": matches[0]}
     elif images and len(cameras) == 1:
-        chosen = cameras[0]
-    elif images and len(cameras) > 1:
-        raise ConversionError(
-            f"the LeRobot dataset has {len(cameras)} cameras {cameras}; a buffer holds one 'image': "
-            "choose it with camera=<name> (--camera), or convert without images"
-        )
-    if chosen is not None:
-        _check_camera(chosen, features[chosen])
-        keys["image"] = chosen
+        chosen = {"image": cameras[0]}
+    elif images:
+        chosen = {f"image_{_camera_name(key)}": key for key in cameras}
+        if len(chosen) != len(cameras):
+            raise ConversionError(
+                f"the LeRobot cameras {cameras} do not have distinct names; pick one with camera="
+            )
+    for ours, theirs in chosen.items():
+        _check_camera(theirs, features[theirs])
+        keys[ours] = theirs
     if not set(keys) - {"action"}:
         raise ConversionError(
             f"the LeRobot dataset has no observation to convert (looked for {LEROBOT_STATE!r}, "
@@ -174,7 +183,8 @@ def plan_import(
     used = set(keys.values()) | set(LEROBOT_BOOKKEEPING)
     return ImportPlan(
         keys=keys,
-        image_is_video=chosen is not None and features[chosen].get("dtype") == "video",
+        images={ours: _camera_name(theirs) for ours, theirs in chosen.items()},
+        videos=[ours for ours, theirs in chosen.items() if features[theirs].get("dtype") == "video"],
         skipped=[key for key in available if key not in used],
     )
 
@@ -275,11 +285,11 @@ def lerobot_to_zarr(
             part = table.select(rows.tolist())
             arrays: dict[str, np.ndarray] = {}
             for ours, theirs in plan.keys.items():
-                if ours == "image" and plan.image_is_video:
+                if ours in plan.videos:
                     arrays[ours] = _decode_episode_video(
                         dataset, decode_video_frames, episode, theirs, timestamp_of_row[rows]
                     )
-                elif ours == "image":  # PNG frames decode to (T, H, W, 3) uint8
+                elif ours in plan.images:  # PNG frames decode to (T, H, W, 3) uint8
                     arrays[ours] = _to_hwc_uint8(_stack_column(part[theirs], theirs), "hwc")
                 else:
                     arrays[ours] = _stack_column(part[theirs], theirs).astype(np.float32)
@@ -374,6 +384,8 @@ def _import_meta(
             "camera": image_key.removeprefix(LEROBOT_IMAGES_PREFIX)
             if image_key and image_key.startswith(LEROBOT_IMAGES_PREFIX)
             else None,
+            # Several cameras: image_<camera> -> camera, what rollouts render each key from.
+            "cameras": {ours: name for ours, name in plan.images.items() if ours != "image"},
             "lerobot": lerobot,
         },
     }

@@ -98,12 +98,17 @@ class PolicyServer:
         *,
         task: str | None = None,
         camera: str | None = None,
+        cameras: dict[str, str] | None = None,
+        task_module: str | None = None,
     ) -> None:
         self.policy = policy.eval()
         self.options = options or ServeOptions()
         if self.options.max_sessions < 1:
             raise ValueError(f"max_sessions must be >= 1, got {self.options.max_sessions}")
-        self.task, self.camera = task, camera  # what the policy was trained on, told to clients
+        # What the policy was trained on, told to clients: the task (and the module registering it), the
+        # camera of `image` and those of further image keys.
+        self.task, self.task_module, self.camera = task, task_module, camera
+        self.cameras = dict(cameras or {})
         self._free: list[PolicyRuntime] = []  # reusable slots
         self._next_session = 0
         self._queue: asyncio.Queue[_Request] | None = None
@@ -139,7 +144,9 @@ class PolicyServer:
         return {
             "policy_type": cfg.type,
             "task": self.task,
+            "task_module": self.task_module,
             "camera": self.camera,
+            "cameras": self.cameras,
             "observations": {
                 key: {"shape": list(shape), "image": is_policy_image(shape)}
                 for key, shape in cfg.input_shapes.items()
@@ -394,9 +401,18 @@ def run_server(cfg: ServeConfig) -> None:
     run_cfg = run_config_for(policy_dir)
     task = str(run_cfg.get("task") or "") or None
     camera = str(run_cfg.get("camera") or "") or None
+    cameras = run_cfg.get("cameras")
+    task_module = str(run_cfg.get("task_module") or "") or None
     options = ServeOptions(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ServeOptions)})
     try:
-        server = PolicyServer(policy, options, task=task, camera=camera)
+        server = PolicyServer(
+            policy,
+            options,
+            task=task,
+            camera=camera,
+            cameras=cameras if isinstance(cameras, dict) else None,
+            task_module=task_module,
+        )
     except ValueError as error:  # a runtime option that does not fit this policy (n_action_steps, ...)
         raise ConfigError(f"{error} (for the policy in {policy_dir})") from None
     log.info("loaded %s (%s, task %s)", policy_dir, policy.config.type, task or "unknown")

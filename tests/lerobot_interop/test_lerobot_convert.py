@@ -42,7 +42,7 @@ def test_plan_import_maps_lerobot_names_to_ours() -> None:
         }
     )
     assert plan.keys == {"action": "action", "state": "observation.state", "image": "observation.images.top"}
-    assert not plan.image_is_video
+    assert plan.images == {"image": "top"} and plan.videos == []
     assert plan.skipped == ["next.reward"]  # bookkeeping columns (timestamp, ...) are not "skipped"
 
 
@@ -53,10 +53,12 @@ def test_plan_import_camera_choice() -> None:
         "observation.images.top": CAMERA,
         "action": ACTION,
     }
-    with pytest.raises(ConversionError, match=r"2 cameras .*choose it with camera="):
-        plan_import(features)
+    # Several cameras and none chosen: one key per camera, each its own token group in training.
+    both = plan_import(features)
+    assert both.images == {"image_top": "top", "image_wrist": "wrist"} and both.videos == ["image_wrist"]
+    assert both.keys["image_wrist"] == "observation.images.wrist" and "image" not in both.keys
     plan = plan_import(features, camera="wrist")
-    assert plan.keys["image"] == "observation.images.wrist" and plan.image_is_video
+    assert plan.keys["image"] == "observation.images.wrist" and plan.videos == ["image"]
     assert plan.skipped == ["observation.images.top"]
     assert plan_import(features, camera="observation.images.top").keys["image"] == "observation.images.top"
     assert "image" not in plan_import(features, images=False).keys

@@ -102,6 +102,11 @@ class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type
     # Run time: replan at every control step with temporal ensembling (cheap for SCD).
     replan_every_step: bool = False
 
+    # Exponential moving average of the weights, updated after every optimiser step (LeRobot's trainer
+    # calls policy.update()); the averaged weights are the ones that act and that are exported, as in
+    # scd-policy's own trainer (train.ema_decay). 0 turns it off (the trained weights act).
+    ema_decay: float = 0.999
+
     # Optimiser preset (LeRobot's trainer reads these through get_optimizer_preset).
     optimizer_lr: float = 3e-4
     optimizer_betas: tuple[float, float] = (0.9, 0.999)
@@ -119,6 +124,8 @@ class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type
             )
         if self.scheduler_warmup_steps < 0:
             raise ConfigError("policy.scheduler_warmup_steps must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"policy.ema_decay={self.ema_decay}; expected in [0, 1) (0: no averaging)")
         self.to_policy_config()  # every PolicyConfig rule, checked now rather than at the first batch
 
     def to_policy_config(

@@ -8,7 +8,10 @@ and translates at the boundary only:
 - normalisation: LeRobot's dataset statistics become the model's own ``Normalizer`` (saved inside
   the weights), so the pre/post-processors only add a batch axis and move tensors (processor_scd.py);
 - run time: ``select_action`` drives scd-policy's streaming runtime (``scd_policy.runtime``: one
-  encoder call per control step on a KV cache, an action queue), reset by ``reset()``.
+  encoder call per control step on a KV cache, an action queue), reset by ``reset()``;
+- EMA: ``update()``, which LeRobot's trainer calls after every optimiser step, keeps an exponential
+  moving average of the weights (``self.ema_model``, part of the state dict, so it survives LeRobot's
+  resume and ``--policy.path`` fine-tuning); the averaged weights act and are exported.
 
 Checkpoints: next to LeRobot's ``config.json`` + ``model.safetensors`` the wrapper writes the model in
 scd-policy's own format to ``<checkpoint>/scd_policy/``, which ``scd_policy.policies.load_policy`` and
@@ -32,6 +35,7 @@ from scd_policy.conventions import ACTION_KEY
 from scd_policy.models.normalizer import Normalizer, affine_from_stats
 from scd_policy.policies import Policy, make_policy
 from scd_policy.runtime import PolicyRuntime
+from scd_policy.training.ema import EMA
 
 SCD_SUBFOLDER = "scd_policy"  # scd-policy's own checkpoint format inside a LeRobot checkpoint
 
@@ -109,7 +113,32 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
         sources = {ours: theirs for theirs, ours in self.key_map.items()} | {ACTION_KEY: ACTION}
         normalizer = normalizer_from_stats(shapes, modes, dataset_stats, sources)
         self.model: Policy = make_policy(config.to_policy_config(input_shapes, action_dim), normalizer)
+        # The averaged copy: a registered submodule (saved, loaded and moved with the policy) that the
+        # optimiser never sees (get_optim_params reads self.model only).
+        self._ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema_model: Policy | None = self._ema.shadow if self._ema is not None else None
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self._runtime: PolicyRuntime | None = None
+
+    @property
+    def acting_model(self) -> Policy:
+        """The weights that act and are exported: the EMA copy, or the trained ones without EMA."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+    def update(self) -> None:
+        """After an optimiser step (LeRobot's trainer calls it): move the EMA copy towards the weights."""
+        if self._ema is None:
+            return
+        self._ema.num_updates = int(self.ema_updates)  # restored from a checkpoint's state dict
+        self._ema.update(self.model)
+        self.ema_updates += 1
+        self._runtime = None  # a runtime built before holds the previous weights' state
+
+    def train(self, mode: bool = True) -> SCDPolicy:
+        super().train(mode)
+        if self.ema_model is not None:
+            self.ema_model.eval()  # never in training mode (no dropout), even while the policy trains
+        return self
 
     # ------------------------------------------------------------------ LeRobot's interface
 
@@ -159,7 +188,7 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
         Stateless (no history beyond this step); ``select_action`` is the streaming path.
         """
         obs = {key: value[:, None] for key, value in self._observations(batch).items()}  # (B, 1, *shape)
-        chunk = self.model.predict_chunk(obs, noise=kwargs.get("noise"))
+        chunk = self.acting_model.predict_chunk(obs, noise=kwargs.get("noise"))
         offset = self.model.config.chunk_start_offset  # diffusion_policy: the chunk starts in the past
         return chunk[:, -offset:] if offset < 0 else chunk
 
@@ -170,7 +199,7 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
         n_envs = int(next(iter(obs.values())).shape[0])
         if self._runtime is None or self._runtime.num_envs != n_envs:
             self._runtime = PolicyRuntime(
-                self.model,
+                self.acting_model,
                 num_envs=n_envs,
                 n_action_steps=self.config.n_action_steps,
                 replan_every_step=self.config.replan_every_step,
@@ -183,4 +212,4 @@ class SCDPolicy(PreTrainedPolicy):  # type: ignore[misc]  # lerobot ships no typ
 
     def _save_pretrained(self, save_directory: Path) -> None:
         super()._save_pretrained(save_directory)
-        self.model.save_pretrained(Path(save_directory) / SCD_SUBFOLDER)
+        self.acting_model.save_pretrained(Path(save_directory) / SCD_SUBFOLDER)
