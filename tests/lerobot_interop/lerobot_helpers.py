@@ -15,20 +15,21 @@ TASK_TEXT = "push the puck around the obstacle onto the goal"
 
 
 def collect_demos(n_episodes: int = N_EPISODES) -> list[dict[str, np.ndarray]]:
-    """Expert episodes of reach_around: state (T, 6) float32, image (T, 64, 64, 3) uint8, action (T, 2)."""
+    """Expert episodes of reach_around: state (T, 6) float32, image (T, 64, 64, 3) uint8 from the top
+    camera, image_side the same from the side camera, action (T, 2)."""
     from envs.registry import make_env, make_expert
 
-    env = make_env(TASK, image=True, image_size=IMAGE_SIZE)
+    env = make_env(TASK, image=True, image_size=IMAGE_SIZE, cameras={"image_side": "side"})
     episodes = []
     try:
         for seed in range(n_episodes):
             expert = make_expert(TASK, seed)
             obs, info = env.reset(seed=seed)
-            steps: dict[str, list[np.ndarray]] = {"state": [], "image": [], "action": []}
+            steps: dict[str, list[np.ndarray]] = {"state": [], "image": [], "image_side": [], "action": []}
             while True:
                 action = np.asarray(expert(obs, info), dtype=np.float32)
-                steps["state"].append(obs["state"])
-                steps["image"].append(obs["image"])
+                for key in ("state", "image", "image_side"):
+                    steps[key].append(obs[key])
                 steps["action"].append(action)
                 obs, _, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
@@ -40,17 +41,26 @@ def collect_demos(n_episodes: int = N_EPISODES) -> list[dict[str, np.ndarray]]:
 
 
 def write_lerobot_dataset(
-    root: Path, episodes: list[dict[str, np.ndarray]], video: bool, camera_key: str = "observation.images.top"
+    root: Path,
+    episodes: list[dict[str, np.ndarray]],
+    video: bool,
+    camera_key: str = "observation.images.top",
+    side_camera_key: str | None = None,
 ) -> Path:
-    """The demos as a LeRobotDataset, written with LeRobot's own API (create/add_frame/save_episode)."""
+    """The demos as a LeRobotDataset, written with LeRobot's own API (create/add_frame/save_episode);
+    ``side_camera_key`` adds the side camera's frames as a second camera."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    cameras = {camera_key: "image", **({side_camera_key: "image_side"} if side_camera_key else {})}
     features = {
         "observation.state": {"dtype": "float32", "shape": (6,), "names": None},
-        camera_key: {
-            "dtype": "video" if video else "image",
-            "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
-            "names": ["height", "width", "channels"],
+        **{
+            key: {
+                "dtype": "video" if video else "image",
+                "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                "names": ["height", "width", "channels"],
+            }
+            for key in cameras
         },
         "action": {"dtype": "float32", "shape": (2,), "names": None},
     }
@@ -62,7 +72,7 @@ def write_lerobot_dataset(
             dataset.add_frame(
                 {
                     "observation.state": episode["state"][step],
-                    camera_key: episode["image"][step],
+                    **{key: episode[ours][step] for key, ours in cameras.items()},
                     "action": episode["action"][step],
                     "task": TASK_TEXT,
                 }

@@ -208,7 +208,7 @@ def source_buffer(tmp_path: Path, demos: list[dict[str, np.ndarray]]) -> Path:
         path, meta={"fps": 10.0, "source": "scd-collect", "task": "reach_around", "card": card}
     )
     for demo in demos:
-        buffer.append_episode(demo)
+        buffer.append_episode({key: value for key, value in demo.items() if key != "image_side"})
     return path
 
 
@@ -312,3 +312,54 @@ def test_single_camera_name_round_trips(demos: list[dict[str, np.ndarray]], tmp_
     assert run(["to-lerobot", "--zarr", str(buffer_path), "--repo-id", "a/again", "--root", str(again)]) == 0
     features = LeRobotDataset("a/again", root=again).meta.features
     assert "observation.image" in features and not any(k.startswith("observation.images.") for k in features)
+
+
+def test_two_camera_import_trains_and_rolls_out(demos: list[dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """A LeRobot dataset with two cameras imports as image_top / image_side, trains with each camera as its
+    own token group, and rolls out with both rendered from the cameras the card names."""
+    from lerobot_helpers import write_lerobot_dataset
+
+    from scd_policy.evaluation import EvalRunConfig, run_evaluation
+    from scd_policy.policies import load_policy
+    from scd_policy.training.experiment import compose_experiment, run_training
+
+    root = write_lerobot_dataset(
+        tmp_path / "two", demos[:2], video=False, side_camera_key="observation.images.side"
+    )
+    out = tmp_path / "two.zarr"
+    assert run(["from-lerobot", "--repo-id", "a/two", "--root", str(root), "--out", str(out)]) == 0
+    buffer = ReplayBuffer.open(out)
+    assert set(buffer.keys) == {"state", "image_top", "image_side", "action"}
+    assert buffer.meta["card"]["cameras"] == {"image_side": "side", "image_top": "top"}
+    for index in range(2):
+        episode = buffer.get_episode(index)
+        np.testing.assert_array_equal(episode["image_top"], demos[index]["image"])
+        np.testing.assert_array_equal(episode["image_side"], demos[index]["image_side"])
+    cfg = compose_experiment(
+        [
+            f"dataset={out}",
+            f"out={tmp_path / 'run'}",
+            "task=reach_around",
+            "size=tiny",
+            "data.obs_keys=[state,image_top,image_side]",
+            "train.steps=2",
+            "train.batch_size=4",
+            "train.warmup_steps=1",
+            "train.val_every=2",
+            "train.checkpoint_every=2",
+        ]
+    )
+    policy = load_policy(run_training(cfg))
+    assert len(policy.tokenizer.image_encoders) == 2  # type: ignore[union-attr,arg-type]
+    results = run_evaluation(
+        EvalRunConfig(
+            checkpoint=str(tmp_path / "run"),
+            episodes=1,
+            seeds=[0],
+            n_envs=1,
+            max_steps=4,
+            videos=0,
+            out=str(tmp_path / "eval.json"),
+        )
+    )
+    assert results["mean_episode_length"] == 4

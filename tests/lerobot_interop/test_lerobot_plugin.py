@@ -87,6 +87,71 @@ def test_lerobot_train_runs_scd_for_20_steps(trained: tuple[Path, str]) -> None:
     assert (checkpoint / SCD_SUBFOLDER / "model.safetensors").is_file()
 
 
+def test_lerobot_train_fine_tunes_from_policy_path(
+    trained: tuple[Path, str], lerobot_images: Path, tmp_path: Path
+) -> None:
+    """--policy.path: LeRobot's trainer overrides the processors' normaliser steps, which stay identity;
+    the weights, the EMA copy and its update count continue from the checkpoint."""
+    checkpoint, _ = trained
+    _run_cli(
+        [
+            str(BIN / "lerobot-train"),
+            f"--dataset.repo_id={REPO_ID}",
+            f"--dataset.root={lerobot_images}",
+            f"--policy.path={checkpoint}",
+            "--policy.device=cpu",
+            "--policy.push_to_hub=false",
+            "--steps=6",
+            "--batch_size=4",
+            "--num_workers=0",
+            "--log_freq=3",
+            "--save_freq=6",
+            "--seed=1",
+            f"--output_dir={tmp_path / 'finetune'}",
+            "--wandb.enable=false",
+        ],
+        cwd=tmp_path,
+    )
+    tuned_dir = tmp_path / "finetune" / "checkpoints" / "000006" / "pretrained_model"
+    base, tuned = SCDPolicy.from_pretrained(checkpoint), SCDPolicy.from_pretrained(tuned_dir)
+    assert int(tuned.ema_updates) == int(base.ema_updates) + 6
+    moved = [
+        name
+        for name, tensor in tuned.model.state_dict().items()
+        if tensor.is_floating_point() and not torch.equal(tensor, base.model.state_dict()[name])
+    ]
+    assert moved  # it trained on, from the loaded weights
+    config = json.loads((tuned_dir / "config.json").read_text())
+    assert set(config["normalization_mapping"].values()) == {"IDENTITY"}
+
+
+def test_ema_follows_the_weights_and_acts() -> None:
+    torch.manual_seed(0)
+    config = SCDConfig(device="cpu", ema_decay=0.9, **TINY)  # type: ignore[arg-type]
+    _features(config)
+    policy = SCDPolicy(config, dataset_stats=None)
+    assert policy.ema_model is not None and policy.acting_model is policy.ema_model
+    with torch.no_grad():
+        for param in policy.model.parameters():
+            param.add_(1.0)
+    before = next(policy.ema_model.parameters()).clone()
+    policy.update()
+    after, trained_param = next(policy.ema_model.parameters()), next(policy.model.parameters())
+    # Warm-up decay min(0.9, 2/11): the copy moves most of the way, not all of it.
+    assert int(policy.ema_updates) == 1 and not torch.equal(after, before)
+    assert not torch.allclose(after, trained_param)
+    assert not any(p.requires_grad for p in policy.ema_model.parameters())
+    assert {id(p) for group in policy.get_optim_params() for p in group["params"]} == {
+        id(p) for p in policy.model.parameters()
+    }
+    off = SCDConfig(device="cpu", ema_decay=0.0, **TINY)  # type: ignore[arg-type]
+    _features(off)
+    plain = SCDPolicy(off)
+    assert plain.ema_model is None and plain.acting_model is plain.model
+    with pytest.raises(ConfigError, match=r"ema_decay=1\.0"):
+        SCDConfig(device="cpu", ema_decay=1.0)  # type: ignore[arg-type]
+
+
 def test_lerobot_checkpoint_runs_in_scd_runtime(
     trained: tuple[Path, str], demos: list[dict[str, np.ndarray]]
 ) -> None:
@@ -103,9 +168,10 @@ def test_lerobot_checkpoint_runs_in_scd_runtime(
     expected = (actions.max(0) + actions.min(0)) / 2
     stats = runtime.policy.normalizer._stats("action")
     np.testing.assert_allclose(stats.offset.numpy(), expected, rtol=1e-5, atol=1e-6)
-    # The same weights LeRobot loads.
+    # The same weights LeRobot loads: the EMA copy, which acts and is exported.
     lerobot_policy = SCDPolicy.from_pretrained(checkpoint)
-    ours, theirs = runtime.policy.state_dict(), lerobot_policy.model.state_dict()
+    assert int(lerobot_policy.ema_updates) == 20  # one update per optimiser step, kept in the checkpoint
+    ours, theirs = runtime.policy.state_dict(), lerobot_policy.acting_model.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=f"weight {name}")

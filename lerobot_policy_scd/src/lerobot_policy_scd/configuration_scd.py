@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lerobot.configs.policies import PreTrainedConfig
-from lerobot.configs.types import FeatureType
+from lerobot.configs.types import FeatureType, NormalizationMode
 from lerobot.optim.optimizers import AdamWConfig
 from lerobot.optim.schedulers import DiffuserSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_STATE
@@ -98,6 +98,11 @@ class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type
     # (statistics from the LeRobot dataset, stored inside the policy's weights).
     cameras: list[str] | None = None
     normalization: str = "min_max"
+    # LeRobot's own normaliser steps (processor_scd.py): identity for every feature type, because the
+    # model normalises inside. Not an option: another mode would scale the data twice.
+    normalization_mapping: dict[str, NormalizationMode] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("VISUAL", "STATE", "ENV", "ACTION"), NormalizationMode.IDENTITY)
+    )
 
     # Run time: replan at every control step with temporal ensembling (cheap for SCD).
     replan_every_step: bool = False
@@ -124,6 +129,11 @@ class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type
             )
         if self.scheduler_warmup_steps < 0:
             raise ConfigError("policy.scheduler_warmup_steps must be >= 0")
+        if any(mode != NormalizationMode.IDENTITY for mode in self.normalization_mapping.values()):
+            raise ConfigError(
+                "policy.normalization_mapping must stay IDENTITY: the scd policy normalises inside the "
+                "model (choose its mode with policy.normalization=min_max|mean_std)"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"policy.ema_decay={self.ema_decay}; expected in [0, 1) (0: no averaging)")
         self.to_policy_config()  # every PolicyConfig rule, checked now rather than at the first batch
