@@ -49,6 +49,7 @@ def _policy_fields() -> type:
 PolicyFields = _policy_fields()
 POLICY_OPTIONS = tuple(spec.name for spec in dataclasses.fields(PolicyFields))
 NORMALIZATION_MODES = ("min_max", "mean_std")
+FEATURE_TYPE_NAMES = ("VISUAL", "STATE", "ENV", "ACTION")  # LeRobot's normalization_mapping keys
 CAMERA_PREFIX = "observation.images."
 
 
@@ -101,7 +102,7 @@ class SCDConfig(PolicyFields, PreTrainedConfig):  # type: ignore[misc,valid-type
     # LeRobot's own normaliser steps (processor_scd.py): identity for every feature type, because the
     # model normalises inside. Not an option: another mode would scale the data twice.
     normalization_mapping: dict[str, NormalizationMode] = dataclasses.field(
-        default_factory=lambda: dict.fromkeys(("VISUAL", "STATE", "ENV", "ACTION"), NormalizationMode.IDENTITY)
+        default_factory=lambda: dict.fromkeys(FEATURE_TYPE_NAMES, NormalizationMode.IDENTITY)
     )
 
     # Run time: replan at every control step with temporal ensembling (cheap for SCD).
