@@ -197,9 +197,25 @@ class ExternalTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.render_size = render_size
         frames_needed = bool(self._image_keys) or render_mode == "rgb_array"
         self.inner = build_inner_env(source, "rgb_array" if frames_needed else None, env_kwargs or {})
+        try:
+            self._adapt(source, frames_needed, rename, success_fn, image_size)
+        except Exception:
+            self.inner.close()
+            raise
+        self._steps = 0
+        self._warned_no_success = False
+
+    def _adapt(
+        self,
+        source: str,
+        frames_needed: bool,
+        rename: Mapping[str, str] | None,
+        success_fn: str,
+        image_size: int,
+    ) -> None:
+        """Check the inner env against the contract and set up the adapted spaces."""
         inner_meta = self.inner.metadata or {}
         if frames_needed and "rgb_array" not in inner_meta.get("render_modes", []):
-            self.inner.close()
             raise ExternalTaskError(
                 f"task={source!r} cannot render: its env lists render modes "
                 f"{inner_meta.get('render_modes', [])}, not 'rgb_array'; train on its state "
@@ -221,8 +237,6 @@ class ExternalTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.unit_action_space, self._action_low, self._action_high = self._unit_action_space(source)
         self.action_space = self.unit_action_space
         self.metadata = {**self.metadata, "render_fps": self.fps}
-        self._steps = 0
-        self._warned_no_success = False
 
     def _unit_action_space(self, source: str) -> tuple[gym.spaces.Box, np.ndarray, np.ndarray]:
         space = self.inner.action_space
@@ -235,7 +249,7 @@ class ExternalTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         if not (np.isfinite(low).all() and np.isfinite(high).all()):
             raise ExternalTaskError(
                 f"task={source!r}: action space {space} is unbounded; actions are mapped from [-1, 1] onto "
-                "the env's bounds, so give it finite ones (gymnasium.wrappers.ClipAction on a bounded Box)"
+                "the env's bounds, so declare finite ones on its action_space (the range to drive it in)"
             )
         return gym.spaces.Box(-1.0, 1.0, space.shape, np.float32), low, high
 
