@@ -74,12 +74,10 @@ class EnvSettings:
                 f"the policy reads images of sizes {sorted(sizes)} (H, W); rollouts render one square size "
                 "for every camera"
             )
-        available = task_spec(task).cameras
-        extra = {
-            key: camera_for_key(key, task, available, cameras or {})
-            for key in sorted(images)
-            if key != "image"
-        }
+        spec = task_spec(task)
+        # Image keys the env observes itself (a Dict env's own camera) need no rendering.
+        rendered = [key for key in sorted(images) if key != "image" and key not in spec.observation_keys]
+        extra = {key: camera_for_key(key, task, spec.cameras, cameras or {}) for key in rendered}
         return cls(
             task=task,
             image="image" in images,

@@ -122,6 +122,12 @@ def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> N
         f"this dataset was not recorded on {cfg.task}: pass the task it was recorded on, set data.obs_keys "
         "to keys both have, or task=null to train without rollouts"
     )
+    have = buffer.shapes.get(cfg.data.action_key)
+    if have is not None and tuple(have) != (spec.action_dim,):
+        raise DatasetError(
+            f"data/{cfg.data.action_key} in {buffer.path} has per-step shape {list(have)} but "
+            f"task={cfg.task}'s action space is {[spec.action_dim]}; {fix}"
+        )
     for key in cfg.data.obs_keys:
         have = buffer.shapes.get(key)
         if have is None:  # make_datasets names the missing key
@@ -143,12 +149,6 @@ def check_dataset_against_task(cfg: ExperimentConfig, buffer: ReplayBuffer) -> N
                 f"data/{key} in {buffer.path} has per-step shape {list(have)} but task={cfg.task}'s {key!r} "
                 f"observation is {list(spec.observation_keys[key])}; {fix}"
             )
-    have = buffer.shapes.get(cfg.data.action_key)
-    if have is not None and tuple(have) != (spec.action_dim,):
-        raise DatasetError(
-            f"data/{cfg.data.action_key} in {buffer.path} has per-step shape {list(have)} but "
-            f"task={cfg.task}'s action space is {[spec.action_dim]}; {fix}"
-        )
 
 
 def run_training(cfg: ExperimentConfig) -> Path:
