@@ -63,7 +63,7 @@ def load_object(path: str, what: str) -> Any:
     if not module_name or not attribute:
         raise ExternalTaskError(f"{what}={path!r}: expected '<module>:<name>', e.g. my_tasks:make_env")
     try:
-        module = _import_module(module_name)
+        module = import_module(module_name)
     except ImportError as error:
         raise ExternalTaskError(
             f"{what}={path!r}: cannot import module {module_name!r} ({error}); put the module on "
@@ -77,7 +77,8 @@ def load_object(path: str, what: str) -> Any:
     return target
 
 
-def _import_module(name: str) -> Any:
+def import_module(name: str) -> Any:
+    """``importlib.import_module``, retried with the working directory on ``sys.path``."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:

@@ -119,7 +119,7 @@ def _modules_from_environment() -> list[str]:
 def import_task_modules(modules: Iterable[str]) -> None:
     """Import modules that register tasks (``register_task``), here and in every process started from
     this one (they are added to ``SCD_POLICY_TASK_MODULES``). The working directory is importable."""
-    from envs.external import ExternalTaskError, load_object
+    from envs.external import ExternalTaskError, import_module
 
     remembered = _modules_from_environment()
     for module in modules:
@@ -127,10 +127,12 @@ def import_task_modules(modules: Iterable[str]) -> None:
         if not module:
             continue
         try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            # load_object retries with the working directory importable and words the error.
-            load_object(f"{module}:__name__", "task_module")
+            import_module(module)  # the working directory is importable too
+        except ModuleNotFoundError as error:
+            raise ExternalTaskError(
+                f"task_module={module!r}: cannot import it ({error}); put the module on PYTHONPATH or run "
+                "the command from the folder that holds it"
+            ) from None
         except Exception as error:
             raise ExternalTaskError(f"task_module={module!r} failed to import: {error!r}") from error
         if module not in remembered:

@@ -122,6 +122,11 @@ def test_a_task_that_cannot_be_built_is_one_clear_error(task: str, message: str)
         task_spec(task)
 
 
+def test_a_task_module_that_cannot_be_imported_is_one_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"task_module='no_such_module_q': cannot import it .*PYTHONPATH"):
+        task_spec("my_task", "no_such_module_q")
+
+
 def test_images_from_an_env_that_cannot_render_are_refused() -> None:
     spec = get_task("external_env_helpers:make_no_render_env")
     assert spec.cameras == ()
