@@ -234,9 +234,7 @@ class ExternalTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
                 )
             spaces[key] = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         self.observation_space = gym.spaces.Dict(dict[str, gym.Space[Any]](spaces))  # type: ignore[assignment]
-        self.adapted_spaces = spaces  # the observation space's entries, typed
-        self.unit_action_space, self._action_low, self._action_high = self._unit_action_space(source)
-        self.action_space = self.unit_action_space
+        self.action_space, self._action_low, self._action_high = self._unit_action_space(source)
         self.metadata = {**self.metadata, "render_fps": self.fps}
 
     def _unit_action_space(self, source: str) -> tuple[gym.spaces.Box, np.ndarray, np.ndarray]:
@@ -262,6 +260,15 @@ class ExternalTaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             return float(render_fps)
         dt = getattr(self.inner.unwrapped, "dt", None)
         return 1.0 / float(dt) if dt else DEFAULT_FPS
+
+    @property
+    def native_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The env's own observation keys (no rendered images) and their per-step shapes."""
+        return {key: tuple(int(d) for d in space.shape) for key, space in self._spaces.items()}
+
+    @property
+    def action_dim(self) -> int:
+        return int(self._action_low.shape[0])
 
     @property
     def can_render(self) -> bool:
@@ -368,8 +375,8 @@ def external_task_spec(
     }
     env = ExternalTaskEnv(**kwargs)  # type: ignore[arg-type]
     try:
-        shapes = {key: tuple(int(d) for d in space.shape) for key, space in env.adapted_spaces.items()}
-        action_dim = int(env.unit_action_space.shape[0])
+        shapes = env.native_shapes
+        action_dim = env.action_dim
         fps = env.fps
         cameras = (RENDER_CAMERA,) if env.can_render else ()
         limit = max_episode_steps or _episode_limit(env.inner, source)
