@@ -52,6 +52,15 @@ class DiffusionConfig:
     clip_sample: bool = True  # ddpm only: clamp the predicted x0 to [-1, 1]
     logit_normal_mean: float = 0.0  # flow only: t ~ sigmoid(N(mean, std))
     logit_normal_std: float = 1.0
+    # Few-step sampling (flow, scd only): a shortcut model (Frans et al. 2024). The denoiser is also
+    # told the step size d it takes and learns, besides flow matching (d = 0), that one step of 2d
+    # lands where two of d do (self-consistency), for d from 2^-shortcut_levels up to 1/2, so that
+    # K = 1, 2, 4, ... Euler steps of size 1/K sample the same distribution. Train from scratch, or
+    # fine-tune a trained scd decoder with its encoder frozen (train.init_from, train.freeze): a
+    # distillation that costs only decoder passes.
+    shortcut: bool = False
+    shortcut_levels: int = 7  # the smallest step trained is 2^-levels (1/128)
+    shortcut_fraction: float = 0.25  # share of each batch's chunks trained on self-consistency
 
     def __post_init__(self) -> None:
         if self.process == "regression" and self.sampler == "euler":  # the default: its only sampler
@@ -74,6 +83,20 @@ class DiffusionConfig:
                 f"num_train_timesteps={self.num_train_timesteps}",
             )
         _require(self.logit_normal_std > 0, "diffusion.logit_normal_std must be > 0")
+        if self.shortcut:
+            _require(
+                self.process == "flow",
+                f"diffusion.shortcut=true needs process=flow (a step-size-conditioned velocity); got "
+                f"process={self.process!r}",
+            )
+        _require(
+            1 <= self.shortcut_levels <= 12,
+            f"diffusion.shortcut_levels={self.shortcut_levels} not in [1, 12]",
+        )
+        _require(
+            0.0 < self.shortcut_fraction < 1.0,
+            f"diffusion.shortcut_fraction={self.shortcut_fraction} must be in (0, 1)",
+        )
 
 
 @dataclass
@@ -188,6 +211,11 @@ class PolicyConfig:
         _require(len(self.image_channels) >= 1, "policy.image_channels must list at least one width")
         if isinstance(self.diffusion, dict):  # built from a plain dict (e.g. a checkpoint's JSON)
             self.diffusion = DiffusionConfig(**self.diffusion)
+        _require(
+            not self.diffusion.shortcut or self.type == "scd",
+            f"diffusion.shortcut=true (few-step decoding) is built for policy.type=scd only, got "
+            f"{self.type!r}: its small decoder is what a shortcut model retrains",
+        )
 
     @property
     def is_causal(self) -> bool:
@@ -263,6 +291,13 @@ class TrainConfig:
     eval_every: int = 0  # rollout evaluation period in steps (0: only at the end)
     checkpoint_every: int = 1000
     resume: bool = False
+    # Start from another run's weights (its run folder or a policy folder) instead of a fresh network:
+    # fine-tuning and distillation. Tensors the new config adds (a shortcut decoder's step embedding)
+    # keep their initial values; anything else that differs is refused.
+    init_from: str = ""
+    # Parameter-name prefixes that are not trained (e.g. [encoder., tokenizer.] to distil scd's decoder
+    # on a frozen encoder); their EMA copy stays equal to them.
+    freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "val_every", "checkpoint_every"):

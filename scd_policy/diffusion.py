@@ -11,6 +11,8 @@ once per sampling run for its K network times (``sample``):
   schedule; the network predicts the noise eps and sees t = index / num_train_timesteps. Samplers:
   ancestral DDPM and deterministic DDIM (eta = 0) over ``K`` evenly spaced ("leading") timesteps;
   ``clip_sample`` clamps the predicted x0 to [-1, 1] (actions are normalised to that range).
+  With ``shortcut`` the network is also told its step size and trained to be self-consistent across
+  step sizes (``training_example``), so K = 1, 2, 4 ... steps of size 1/K sample well.
 - ``process="regression"``: the ablation without diffusion — the network sees an all-zero chunk at
   t = 1 and predicts the chunk itself (MSE); sampling is that one call, whatever K.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -85,6 +88,63 @@ def training_target(x0: Tensor, noise: Tensor, config: DiffusionConfig) -> Tenso
     if config.process == "regression":
         return x0
     return noise - x0 if config.process == "flow" else noise
+
+
+# A step-conditioned denoiser evaluated on some rows of a training batch: (x_t, t, step, rows) -> the
+# velocity of those rows (``rows`` picks their conditioning, e.g. context[rows]).
+RowDenoiseFn = Callable[[Tensor, Tensor, Tensor, slice], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One training batch's denoiser inputs and regression target."""
+
+    x_t: Tensor  # (N, ...) noisy samples
+    t: Tensor  # (N,) network times
+    step: Tensor | None  # (N,) step sizes the denoiser is told (shortcut only; 0 = plain flow matching)
+    target: Tensor  # (N, ...) what the prediction is regressed onto
+
+
+def training_example(
+    x0: Tensor, config: DiffusionConfig, denoise: RowDenoiseFn | None = None
+) -> TrainingExample:
+    """Noise clean chunks x0 (N, ...) for one training step of ``config``'s process.
+
+    With ``config.shortcut`` the last ``shortcut_fraction`` of the rows train self-consistency (Frans
+    et al. 2024, "One Step Diffusion via Shortcut Models"): for a step d = 2^j / 2^levels and a time t on
+    the grid of 2d, the target of one step of 2d is the mean velocity of two steps of d taken by the
+    network itself (``denoise``, without gradient); the smallest d is queried as d = 0, the flow-matching
+    velocity, which anchors the recursion. The other rows are plain flow matching at d = 0.
+    """
+    noise = torch.randn_like(x0)
+    if not config.shortcut:
+        t = sample_train_times(x0.shape[0], config, device=x0.device)
+        return TrainingExample(add_noise(x0, noise, t, config), t, None, training_target(x0, noise, config))
+    if denoise is None:
+        raise ValueError("diffusion.shortcut=true: training_example needs the denoiser for its targets")
+    n = x0.shape[0]
+    n_sc = min(n - 1, max(1, round(n * config.shortcut_fraction))) if n >= 2 else 0
+    n_fm = n - n_sc
+    t_fm = sample_train_times(n_fm, config, device=x0.device)
+    # Self-consistency rows: level j in [0, levels), small step d = 2^j / 2^levels, big step 2d, and a
+    # time t = 2d * k (k = 1 .. 1 / 2d) from which two small steps stay inside [0, 1].
+    j = torch.randint(0, config.shortcut_levels, (n_sc,), device=x0.device)
+    small = torch.pow(2.0, j.to(torch.float32) - config.shortcut_levels)
+    big = 2 * small
+    k = torch.floor(torch.rand(n_sc, device=x0.device) / big) + 1
+    t_sc = (big * k).clamp(max=1.0)
+    t = torch.cat([t_fm, t_sc])
+    x_t = add_noise(x0, noise, t, config)
+    rows = slice(n_fm, n)
+    query = torch.where(j == 0, torch.zeros_like(small), small)  # the smallest step: plain flow's velocity
+    with torch.no_grad():
+        x_sc = x_t[rows]
+        first = denoise(x_sc, t_sc, query, rows)
+        second = denoise(x_sc - _per_sample(small, x_sc) * first, t_sc - small, query, rows)
+        consistency = (first + second) / 2
+    target = torch.cat([training_target(x0[:n_fm], noise[:n_fm], config), consistency])
+    step = torch.cat([torch.zeros_like(t_fm), big])
+    return TrainingExample(x_t, t, step, target)
 
 
 # ----------------------------------------------------------------------------- DDPM schedule

@@ -80,6 +80,11 @@ class QualityConfig:
     train_seeds: list[int] = field(default_factory=lambda: [0])
     n_envs: int = 2  # parallel environments during evaluation
     workers: int = 2  # collection worker processes
+    # Few-step decoding (scd only): after each scd run, distil its decoder into a shortcut decoder
+    # (policy.diffusion.shortcut) on the run's frozen encoder for `distill_steps` steps of the same
+    # batch, and score it at each K listed here (e.g. [1, 2, 4]): extra rows next to the K = 10 one.
+    few_step: list[int] = field(default_factory=list)
+    distill_steps: int = 2000
     # Train and evaluate nothing: rewrite the table from the runs already evaluated under `out` (e.g. a
     # sweep split over several machines by task, its runs/ folders copied together).
     report_only: bool = False
@@ -101,6 +106,14 @@ class QualityConfig:
             raise ConfigError(f"train_seeds={self.train_seeds}: expected distinct training seeds")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1 or null, got {self.threads}")
+        if any(k < 1 for k in self.few_step) or len(set(self.few_step)) != len(self.few_step):
+            raise ConfigError(f"few_step={self.few_step}: expected distinct denoising step counts >= 1")
+        if self.few_step and "scd" not in self.policies:
+            raise ConfigError(
+                f"few_step={self.few_step} distils scd's decoder; policies={self.policies} has no scd"
+            )
+        if self.distill_steps < 1:
+            raise ConfigError(f"distill_steps must be >= 1, got {self.distill_steps}")
         for task in dict.fromkeys([*self.tasks, *self.image_tasks]):
             task_spec(task, self.task_module)  # an unknown task fails here, naming the registered ones
 
@@ -125,9 +138,13 @@ def cells(cfg: QualityConfig) -> list[Cell]:
     return [Cell(task, False) for task in cfg.tasks] + [Cell(task, True) for task in cfg.image_tasks]
 
 
-def eval_file(cfg: QualityConfig) -> str:
-    """A run's results file for the sweep's execution length."""
-    return "eval.json" if cfg.n_action_steps is None else f"eval_nexec{cfg.n_action_steps}.json"
+def eval_file(cfg: QualityConfig, num_inference_steps: int | None = None) -> str:
+    """A run's results file for the sweep's execution length (and a distilled decoder's K)."""
+    stem = "eval" if num_inference_steps is None else f"eval_k{num_inference_steps}"
+    return f"{stem}.json" if cfg.n_action_steps is None else f"{stem}_nexec{cfg.n_action_steps}.json"
+
+
+SHORTCUT_RUN = "shortcut"  # the distilled few-step decoder's run, inside the scd run it starts from
 
 
 def run_dir_of(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> Path:
@@ -195,7 +212,7 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
     """Train (or resume) one policy on one cell's demonstrations with one training seed and evaluate it;
     reuses a finished run."""
     from scd_policy.collection import CollectConfig, collect_up_to
-    from scd_policy.evaluation import EvalRunConfig, run_evaluation
+    from scd_policy.evaluation import run_evaluation
     from scd_policy.training.checkpoint import list_checkpoints
     from scd_policy.training.experiment import run_training
 
@@ -242,29 +259,93 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         cfg.episodes,
         cfg.seeds,
     )
-    return run_evaluation(
-        EvalRunConfig(
-            checkpoint=str(policy_dir),
-            task=cell.task,
-            task_module=cfg.task_module,
-            episodes=cfg.episodes,
-            seeds=list(cfg.seeds),
-            n_envs=cfg.n_envs,
-            videos=0,
-            out=str(results_path),
-            n_action_steps=cfg.n_action_steps,
-        )
+    return run_evaluation(_eval_config(cfg, cell, policy_dir, results_path))
+
+
+def _eval_config(
+    cfg: QualityConfig, cell: Cell, policy_dir: Path, out: Path, num_inference_steps: int | None = None
+) -> Any:
+    from scd_policy.evaluation import EvalRunConfig
+
+    return EvalRunConfig(
+        checkpoint=str(policy_dir),
+        task=cell.task,
+        task_module=cfg.task_module,
+        episodes=cfg.episodes,
+        seeds=list(cfg.seeds),
+        n_envs=cfg.n_envs,
+        videos=0,
+        out=str(out),
+        n_action_steps=cfg.n_action_steps,
+        num_inference_steps=num_inference_steps,
     )
+
+
+def distill_config(cfg: QualityConfig, cell: Cell, seed: int, dataset: Path) -> ExperimentConfig:
+    """The few-step run of one scd run: the same composition and data, its weights as the start, the
+    encoder and tokenizer frozen, a shortcut decoder trained for ``distill_steps``."""
+    teacher = run_dir_of(cfg, cell, "scd", seed)
+    config = train_config(cfg, cell, "scd", seed, dataset, teacher / SHORTCUT_RUN)
+    every = max(1, min(1000, cfg.distill_steps // 4))
+    return replace(
+        config,
+        policy=replace(config.policy, diffusion=replace(config.policy.diffusion, shortcut=True)),
+        train=replace(
+            config.train,
+            steps=cfg.distill_steps,
+            checkpoint_every=every,
+            val_every=every,
+            warmup_steps=min(config.train.warmup_steps, cfg.distill_steps // 10),
+            init_from=str(teacher),
+            freeze=["encoder.", "tokenizer."],
+        ),
+    )
+
+
+def run_few_step(cfg: QualityConfig, cell: Cell, seed: int) -> dict[int, dict[str, Any]]:
+    """Distil (or resume distilling) the decoder of a finished scd run and score it at every K of
+    ``few_step``; reuses what is done. Returns K -> evaluation results."""
+    from scd_policy.evaluation import run_evaluation
+    from scd_policy.training.experiment import run_training
+
+    run_dir = run_dir_of(cfg, cell, "scd", seed) / SHORTCUT_RUN
+    results: dict[int, dict[str, Any]] = {}
+    todo = [k for k in cfg.few_step if not (run_dir / eval_file(cfg, k)).exists()]
+    policy_dir: Path | None = None
+    if todo:
+        log.info(
+            "%s / scd / seed %d: distilling a few-step decoder (%d steps, encoder frozen) -> %s",
+            cell.name,
+            seed,
+            cfg.distill_steps,
+            run_dir,
+        )
+        started = time.perf_counter()
+        policy_dir = run_training(
+            distill_config(cfg, cell, seed, Path(cfg.out) / "data" / f"{cell.name}.zarr")
+        )
+        clock = run_dir / TRAIN_TIME_FILE
+        if not clock.exists():
+            atomic_write_text(clock, json.dumps({"seconds": time.perf_counter() - started}) + "\n")
+    for k in cfg.few_step:
+        path = run_dir / eval_file(cfg, k)
+        if not path.exists():
+            assert policy_dir is not None
+            log.info("%s / scd shortcut / seed %d: evaluating at K = %d", cell.name, seed, k)
+            run_evaluation(_eval_config(cfg, cell, policy_dir, path, num_inference_steps=k))
+        results[k] = json.loads(path.read_text())
+    return results
 
 
 TRAIN_TIME_FILE = "train_time.json"
 
 
-def train_minutes(cfg: QualityConfig, cell: Cell, policy: str) -> float | None:
-    """Mean training wall minutes of a (cell, policy)'s runs (None where a run did not record it)."""
+def train_minutes(cfg: QualityConfig, cell: Cell, policy: str, inner: str = "") -> float | None:
+    """Mean training wall minutes of a (cell, policy)'s runs, or of the runs ``inner`` of them (the
+    distilled decoders); None where a run did not record it."""
     times = []
     for seed in cfg.train_seeds:
-        clock = run_dir_of(cfg, cell, policy, seed) / TRAIN_TIME_FILE
+        clock = run_dir_of(cfg, cell, policy, seed) / inner / TRAIN_TIME_FILE
         if not clock.exists():
             return None
         times.append(float(json.loads(clock.read_text())["seconds"]) / 60.0)
@@ -300,7 +381,12 @@ def table_row(cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, 
         "size": cfg.size,
         "train_minutes": train_minutes(cfg, cell, policy),
         "n_action_steps": cfg.n_action_steps,  # None: each policy's own
+        "num_inference_steps": runs[0].get("num_inference_steps"),  # K
+        "decoder": "shortcut" if runs[0].get("shortcut") else "flow",
     }
+    if runs[0].get("shortcut"):
+        row["distill_steps"] = cfg.distill_steps
+        row["distill_minutes"] = train_minutes(cfg, cell, policy, SHORTCUT_RUN)
     for key in runs[0]:
         if key.startswith(("max_", "final_")) and not key.endswith("_std"):  # e.g. push_t's coverage
             row[key] = float(np.mean([r[key] for r in runs]))
@@ -344,9 +430,10 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         "| task | observation | " + " | ".join(policies) + " | scd - best baseline (points) |",
         "|---|---|" + "---|" * len(policies) + "---|",
     ]
+    main = [r for r in rows if r.get("decoder") != "shortcut"]
     for cell in cells(cfg):
         found = {
-            r["policy"]: r for r in rows if r["task"] == cell.task and r["observation"] == cell.observation
+            r["policy"]: r for r in main if r["task"] == cell.task and r["observation"] == cell.observation
         }
         entries = [_percent(found[p]) if p in found else "—" for p in policies]
         baselines = [found[p]["success_rate"] for p in policies if p != "scd" and p in found]
@@ -354,6 +441,30 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         if "scd" in found and baselines:
             margin = f"{100 * (found['scd']['success_rate'] - max(baselines)):+.1f}"
         lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + f" | {margin} |")
+    few = [r for r in rows if r.get("decoder") == "shortcut"]
+    if few:
+        lines += [
+            "",
+            f"Few-step decoding: scd's decoder distilled into a shortcut decoder on its frozen encoder "
+            f"({cfg.distill_steps} steps of batch {cfg.batch_size}), scored at K denoising steps, next to "
+            "the run it started from.",
+            "",
+            "| task | observation | scd K = "
+            + str(main[0].get("num_inference_steps") if main else "?")
+            + " | "
+            + " | ".join(f"K = {k}" for k in cfg.few_step)
+            + " |",
+            "|---|---|---|" + "---|" * len(cfg.few_step),
+        ]
+        for cell in cells(cfg):
+            here = [r for r in rows if r["task"] == cell.task and r["observation"] == cell.observation]
+            base = [r for r in here if r["policy"] == "scd" and r.get("decoder") != "shortcut"]
+            by_k = {r["num_inference_steps"]: r for r in here if r.get("decoder") == "shortcut"}
+            if not by_k:
+                continue
+            entries = [_percent(base[0]) if base else "—"]
+            entries += [_percent(by_k[k]) if k in by_k else "—" for k in cfg.few_step]
+            lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +483,8 @@ def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
         xs, ys, errs = [], [], []
         for x, cell in enumerate(cells(cfg)):
             for r in rows:
+                if r.get("decoder") == "shortcut":  # the few-step rows are in the markdown table only
+                    continue
                 if r["policy"] == policy and r["task"] == cell.task and r["observation"] == cell.observation:
                     xs.append(x + (index - (len(policies) - 1) / 2) * width)
                     ys.append(100 * r["success_rate"])
@@ -411,6 +524,14 @@ def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
                 log.info("%s / %s: left out of the table, not evaluated yet: %s", cell.name, policy, missing)
                 continue
             rows.append(table_row(cfg, cell, policy, [json.loads(path.read_text()) for path in paths]))
+            for k in cfg.few_step if policy == "scd" else []:
+                few = [
+                    run_dir_of(cfg, cell, policy, s) / SHORTCUT_RUN / eval_file(cfg, k)
+                    for s in cfg.train_seeds
+                ]
+                if all(path.exists() for path in few):
+                    runs = [{**json.loads(path.read_text()), "shortcut": True} for path in few]
+                    rows.append(table_row(cfg, cell, policy, runs))
     if not rows:
         raise ConfigError(
             f"report_only=true: no evaluated runs under {Path(cfg.out) / 'runs'} for these tasks, "
@@ -432,6 +553,10 @@ def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[s
         for policy in cfg.policies:
             runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]
             rows.append(table_row(cfg, cell, policy, runs))
+            if policy == "scd" and cfg.few_step:
+                distilled = [run_few_step(cfg, cell, seed) for seed in cfg.train_seeds]
+                for k in cfg.few_step:
+                    rows.append(table_row(cfg, cell, policy, [{**d[k], "shortcut": True} for d in distilled]))
             paths = write_table(rows, cfg, command)
             log.info(
                 "%s / %s: success %.1f%% ± %.1f -> %s",

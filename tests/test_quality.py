@@ -122,6 +122,46 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
         run_quality(cfg)
 
 
+@pytest.mark.slow
+def test_few_step_rows_distil_each_scd_run_on_its_frozen_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = replace(
+        tiny_sweep(tmp_path / "sweep"),
+        tasks=["reach_around"],
+        image_tasks=[],
+        policies=["scd"],
+        train_seeds=[0],
+        seeds=[0],
+        few_step=[1, 2],
+        distill_steps=4,
+    )
+    rows = run_quality(cfg, command="scd-quality few")
+    assert [(r["decoder"], r["num_inference_steps"]) for r in rows] == [
+        ("flow", 10),
+        ("shortcut", 1),
+        ("shortcut", 2),
+    ]
+    assert all(r["distill_steps"] == 4 and r["distill_minutes"] > 0 for r in rows[1:])
+    run = run_dir_of(cfg, Cell("reach_around", False), "scd", 0)
+    distilled = OmegaConf.load(run / "shortcut/config.yaml")
+    assert distilled.train.init_from == str(run) and list(distilled.train.freeze) == [
+        "encoder.",
+        "tokenizer.",
+    ]
+    assert distilled.policy.diffusion.shortcut and distilled.train.steps == 4
+    assert (run / "shortcut/eval_k1.json").exists() and (run / "shortcut/eval_k2.json").exists()
+    table = (Path(cfg.out) / "quality.md").read_text()
+    assert "| task | observation | scd K = 10 | K = 1 | K = 2 |" in table
+    assert table.count("| reach_around | state |") == 2  # the main table's row and the few-step row
+    # Everything is read back on a second run, and report_only lists the few-step rows too.
+    monkeypatch.setattr(
+        scd_policy.training.experiment, "run_training", lambda *a, **k: pytest.fail("trained again")
+    )
+    assert run_quality(cfg, command="scd-quality few") == rows
+    assert run_quality(replace(cfg, report_only=True), command="scd-quality few") == rows
+
+
 def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> None:
     cfg = tiny_sweep(tmp_path)
     cfg.task_overrides = {"push_t": ["policy.horizon=12", "train.lr=1e-4"]}
@@ -177,6 +217,8 @@ def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> 
         ({"seeds": []}, "at least one evaluation seed"),
         ({"train_seeds": [1, 1]}, "expected distinct training seeds"),
         ({"steps": 0}, "steps must be >= 1"),
+        ({"few_step": [1, 1]}, "distinct denoising step counts"),
+        ({"few_step": [2], "policies": ["diffusion_policy"]}, "has no scd"),
     ],
 )
 def test_bad_sweep_configs_say_what_is_wrong(changes: dict[str, object], message: str) -> None:

@@ -26,8 +26,11 @@ class DiffusionDecoder(AdaLNDenoiser):
         action_dim: int,
         horizon: int,
         n_context_tokens: int,
+        step_conditioning: bool = False,
     ) -> None:
-        super().__init__(d_model, n_heads, n_layers, mlp_ratio, dropout, action_dim, horizon)
+        super().__init__(
+            d_model, n_heads, n_layers, mlp_ratio, dropout, action_dim, horizon, step_conditioning
+        )
         self.n_context_tokens = n_context_tokens
         self.context_embed = nn.Parameter(torch.randn(n_context_tokens, d_model) * 0.02)
 

@@ -295,15 +295,14 @@ class NoiseLevels:
 
 
 def shared_modulations(
-    times: Tensor,
-    time_embed: TimestepEmbedding,
+    cond: Tensor,
     modulation: Modulation,
     blocks: Iterable[nn.Module],
     final: FinalLayer,
 ) -> SharedModulations:
-    """The AdaLN parameters of a stack at network times ``times`` (K,), for batches whose rows share a
-    noise level (sampling): what each denoising call would otherwise recompute from t every time."""
-    cond = time_embed(times)  # (K, D)
+    """The AdaLN parameters of a stack for K noise-level conditions ``cond`` (K, D) (the embedded
+    sampling times), for batches whose rows share a noise level (sampling): what each denoising call
+    would otherwise recompute from t every time."""
     table = torch.stack([cast(AdaLNBlock, block).mod_table for block in blocks])  # (L, 6, D)
     mod = modulation(cond)[:, None] + table  # (K, L, 6, D): shift1, scale1, gate1, shift2, scale2, gate2
     ones = torch.zeros_like(mod)
@@ -365,6 +364,7 @@ class AdaLNDenoiser(nn.Module):
         dropout: float,
         action_dim: int,
         horizon: int,
+        step_conditioning: bool = False,
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
@@ -374,14 +374,34 @@ class AdaLNDenoiser(nn.Module):
         self.modulation = Modulation(d_model)
         self.blocks = nn.ModuleList(AdaLNBlock(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.final = FinalLayer(d_model, action_dim)
+        # Few-step (shortcut) denoisers are also told the size of the step they are asked to take
+        # (diffusion.shortcut): its embedding is added to the time's, and starts at zero, so a denoiser
+        # fine-tuned from a plain one starts out as that one.
+        self.step_embed: TimestepEmbedding | None = None
+        if step_conditioning:
+            self.step_embed = TimestepEmbedding(d_model)
+            last = cast(nn.Linear, self.step_embed.mlp[-1])
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
-    def prepare(self, times: Tensor) -> SharedModulations:
-        """The modulation of every block at the K sampling times (K,): ``prepare(times).at(k)`` is the
-        conditioning of the k-th denoising call of a sampling run."""
-        return shared_modulations(times, self.time_embed, self.modulation, self.blocks, self.final)
+    def condition(self, t: Tensor, step: Tensor | None = None) -> Tensor:
+        """The noise-level embedding (N, D) of network times t (N,) and, for a step-conditioned denoiser,
+        step sizes ``step`` (N,) (None: 0, the instantaneous velocity of plain flow matching)."""
+        cond: Tensor = self.time_embed(t)
+        if self.step_embed is not None:
+            cond = cond + self.step_embed(torch.zeros_like(t) if step is None else step)
+        return cond
 
-    def noise_levels(self, t: Tensor) -> NoiseLevels:
-        """The conditioning of rows at their own network times t (N,) in [0, 1] (training)."""
-        cond = self.time_embed(t)  # (N, D)
+    def prepare(self, times: Tensor, step_size: float | None = None) -> SharedModulations:
+        """The modulation of every block at the K sampling times (K,) (and the step size of a
+        step-conditioned denoiser): ``prepare(times).at(k)`` is the conditioning of the k-th denoising
+        call of a sampling run."""
+        steps = None if step_size is None else torch.full_like(times, step_size)
+        return shared_modulations(self.condition(times, steps), self.modulation, self.blocks, self.final)
+
+    def noise_levels(self, t: Tensor, step: Tensor | None = None) -> NoiseLevels:
+        """The conditioning of rows at their own network times t (N,) in [0, 1] (training), and their
+        own step sizes ``step`` (N,) for a step-conditioned denoiser."""
+        cond = self.condition(t, step)  # (N, D)
         mod = self.modulation(cond).unsqueeze(1)  # (N, 1, 6, D): the same for every token of a row
         return NoiseLevels(blocks=(mod,) * len(self.blocks), final=cond)

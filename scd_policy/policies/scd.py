@@ -57,6 +57,7 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
             config.action_dim,
             config.horizon,
             config.n_context_tokens,
+            step_conditioning=config.diffusion.shortcut,
         )
 
     def decoder_parameter_prefixes(self) -> tuple[str, ...]:
@@ -110,7 +111,9 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         self.decoder.compile(mode=self._compile_mode())
 
     def prepare_denoiser(self, context: Tensor, times: Tensor) -> diffusion.StepFn:
-        shared = self.decoder.prepare(times)  # the K steps' modulations in one batched pass
+        # The K steps' modulations in one batched pass; a shortcut decoder is told its step size 1/K.
+        step_size = 1.0 / len(times) if self.config.diffusion.shortcut else None
+        shared = self.decoder.prepare(times, step_size)
         decoder = self.decoder
 
         def step(x: Tensor, k: int) -> Tensor:
@@ -133,9 +136,15 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
             context = context + self.config.context_noise * torch.randn_like(context)
         x0 = inputs.chunks.unsqueeze(1).expand(b, r, w, h, da).reshape(b * r * w, h, da)
         mask = inputs.mask.unsqueeze(1).expand(b, r, w, h).reshape(b * r * w, h)
-        noise = torch.randn_like(x0)
-        t = diffusion.sample_train_times(b * r * w, self.config.diffusion, device=x0.device)
-        x_t = diffusion.add_noise(x0, noise, t, self.config.diffusion)
-        prediction = self.decoder(x_t, self.decoder.noise_levels(t), context)  # (B*R*W, H, Da)
-        loss = masked_mse(prediction, diffusion.training_target(x0, noise, self.config.diffusion), mask)
+        decoder = self.decoder
+
+        def denoise(x: Tensor, t: Tensor, step: Tensor, rows: slice) -> Tensor:  # shortcut targets
+            out: Tensor = decoder(x, decoder.noise_levels(t, step), context[rows])
+            return out
+
+        example = diffusion.training_example(x0, self.config.diffusion, denoise)
+        prediction = decoder(
+            example.x_t, decoder.noise_levels(example.t, example.step), context
+        )  # (N, H, Da)
+        loss = masked_mse(prediction, example.target, mask)
         return loss, {"loss": float(loss.detach()), "valid_fraction": float(inputs.mask.float().mean())}

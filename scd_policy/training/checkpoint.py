@@ -56,6 +56,8 @@ __all__ = [
     "best_success",
     "checkpoint_name",
     "ensure_new_run_folder",
+    "freeze_parameters",
+    "init_weights",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
@@ -369,6 +371,59 @@ def resolve_policy_dir(path: Path) -> Path:
         f"no policy found at {path}: expected a policy folder (config.json + model.safetensors), a "
         "checkpoints/step_* folder, or a run folder made by scd-train"
     )
+
+
+def init_weights(policy: Policy, source: Path) -> list[str]:
+    """Load the weights of ``source`` (a run, step or policy folder: ``resolve_policy_dir``) into a new
+    run's ``policy`` (``train.init_from``); returns the names of the tensors ``source`` lacks, which
+    keep their initial values (what a config adds on top, e.g. a shortcut decoder's step embedding).
+    Another policy type, a tensor ``source`` has that ``policy`` lacks, or a shape that differs is a
+    ``CheckpointError`` naming it."""
+    folder = resolve_policy_dir(source)
+    stored_type = read_policy_record(folder)["policy_type"]
+    if stored_type != policy.policy_type:
+        raise CheckpointError(
+            f"train.init_from={source}: {folder} holds a {stored_type!r} policy, this run trains "
+            f"{policy.policy_type!r}; set policy={stored_type} or start from another run"
+        )
+    weights = _read_weights(folder / WEIGHTS_FILE, next(policy.parameters()).device)
+    own = policy.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [
+        f"{key}: {list(weights[key].shape)} there, {list(own[key].shape)} here"
+        for key in sorted(set(weights) & set(own))
+        if weights[key].shape != own[key].shape
+    ]
+    if unexpected or mismatched:
+        problems = [f"not in this policy: {key}" for key in unexpected[:3]] + mismatched[:3]
+        raise CheckpointError(
+            f"train.init_from={source}: {folder / WEIGHTS_FILE} does not fit this run's policy "
+            f"({'; '.join(problems)}); use the same size and policy settings as that run (only options "
+            "that add tensors, like policy.diffusion.shortcut, may differ)"
+        )
+    missing = sorted(set(own) - set(weights))
+    policy.load_state_dict(weights, strict=False)
+    log.info("initialised from %s (%d tensors; %d new: %s)", folder, len(weights), len(missing), missing[:4])
+    return missing
+
+
+def freeze_parameters(policy: Policy, prefixes: list[str]) -> int:
+    """Stop training the parameters whose names start with any of ``prefixes`` (``train.freeze``);
+    returns how many parameters that froze. A prefix that names no parameter is a ``ValueError``
+    listing the top-level modules."""
+    named = dict(policy.named_parameters())
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in named):
+            tops = sorted({name.split(".")[0] + "." for name in named})
+            raise ValueError(
+                f"train.freeze: {prefix!r} names no parameter of this policy; its modules: {tops}"
+            )
+    frozen = 0
+    for name, param in named.items():
+        if prefixes and name.startswith(tuple(prefixes)):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
 
 
 def _read_weights(path: Path, device: torch.device) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ from scd_policy.training.checkpoint import (
     TrainState,
     best_success,
     ensure_new_run_folder,
+    freeze_parameters,
+    init_weights,
     latest_checkpoint,
     load_checkpoint,
     policy_folder,
@@ -173,7 +175,15 @@ def _train(
     normalizer = fit_normalizer(buffer, train_set.episode_ids, modes, rename={cfg.data.action_key: "action"})
     policy = make_policy(policy_cfg, normalizer).to(device)
     cfg = dataclasses.replace(cfg, policy=policy_cfg)
+    if tcfg.init_from:  # fine-tuning / distillation; a resumed checkpoint below replaces these weights
+        init_weights(policy, Path(tcfg.init_from))
+    try:
+        frozen = freeze_parameters(policy, tcfg.freeze)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     n_params = sum(p.numel() for p in policy.parameters())
+    if frozen and dist_info.is_main:
+        log.info("train.freeze=%s: %.2fM parameters frozen", tcfg.freeze, frozen / 1e6)
     if dist_info.is_main:
         log.info(
             "policy %s: %.2fM parameters; world size %d on %s; data %s: %d train / %d val episodes, "
