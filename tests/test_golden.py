@@ -1,7 +1,7 @@
 """Behaviour pinned across refactors: for a saved checkpoint of each policy type (tests/golden/, made
 by tests/golden/generate.py from the code before the change), the actions of 200-step streaming
 rollouts (one stream; two streams with a mid-episode reset of one) and the training loss on a fixed
-batch under a fixed seed must stay exactly what they were."""
+batch under a fixed seed must stay what they were (to float32 rounding: see ATOL)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ sys.path.insert(0, str(GOLDEN))
 from generate import TYPES, rollout  # noqa: E402
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
+# Not bit-exact: the values were recorded on an AVX-512 CPU, and a CPU with other SIMD kernels (AVX2
+# only, seen on CI's machines) rounds matmul reductions differently, by about one float32 ulp (1.2e-7
+# measured on these actions). A behaviour change moves actions by orders of magnitude more.
+ATOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +37,8 @@ def test_streaming_actions_are_unchanged(policy_type: str) -> None:
     policy = load_policy(GOLDEN / policy_type)
     assert policy.config.type == policy_type
     recorded = load_file(str(GOLDEN / policy_type / "rollout.safetensors"))
-    np.testing.assert_array_equal(rollout(policy, 1), recorded["single"])
-    np.testing.assert_array_equal(rollout(policy, 2), recorded["double"])
+    np.testing.assert_allclose(rollout(policy, 1), recorded["single"], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(rollout(policy, 2), recorded["double"], rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("policy_type", TYPES)
@@ -47,4 +51,4 @@ def test_training_loss_is_unchanged(policy_type: str) -> None:
     policy.train()
     torch.manual_seed(123)
     loss, _ = policy.compute_loss(batch)
-    assert float(loss.detach()) == EXPECTED[policy_type]["loss"]
+    assert float(loss.detach()) == pytest.approx(EXPECTED[policy_type]["loss"], rel=1e-6)
