@@ -13,7 +13,7 @@ import torch
 
 from scd_policy.bench import BenchConfig, run_suites
 from scd_policy.bench.setup import build_policy, context_window_for
-from scd_policy.config import ConfigError
+from scd_policy.config import ConfigError, DiffusionConfig
 from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels
 from scd_policy.runtime import PolicyRuntime
 
@@ -134,19 +134,24 @@ def test_bad_options_are_refused() -> None:
 class _PerRowLevels:
     """Stands in for SharedModulations: the k-th level computed per row from t, as training does."""
 
-    def __init__(self, model: AdaLNDenoiser, times: torch.Tensor) -> None:
-        self.model, self.times = model, times
+    def __init__(self, model: AdaLNDenoiser, times: torch.Tensor, step_size: float | None) -> None:
+        self.model, self.times, self.step_size = model, times, step_size
 
     def at(self, k: int) -> NoiseLevels:
-        return self.model.noise_levels(self.times[k : k + 1])  # (1, ...): broadcast over the rows
+        t = self.times[k : k + 1]  # (1,): broadcast over the rows
+        step = None if self.step_size is None else torch.full_like(t, self.step_size)
+        return self.model.noise_levels(t, step)
 
 
-@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion", "diffusion_policy"])
+@pytest.mark.parametrize("policy_type", ["scd", "scd_shortcut", "causal_diffusion", "diffusion_policy"])
 def test_prepared_sampling_equals_the_per_row_path(policy_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling reads each denoising call's conditioning from ``prepare`` (computed once per run and
-    folded into layer_norm); the per-row conditioning training uses gives the same chunk."""
+    folded into layer_norm); the per-row conditioning training uses gives the same chunk (for a
+    shortcut decoder too, told its step size 1/K either way)."""
     torch.manual_seed(0)
-    policy = build_policy(policy_type, "tiny", 5, 3, False, "cpu", 0)
+    shortcut = policy_type == "scd_shortcut"
+    overrides = {"diffusion": DiffusionConfig(shortcut=True)} if shortcut else None
+    policy = build_policy("scd" if shortcut else policy_type, "tiny", 5, 3, False, "cpu", 0, overrides)
     with torch.no_grad():
         for param in policy.parameters():  # non-trivial modulation tables and output layers
             if param.dim() >= 1:
@@ -157,7 +162,11 @@ def test_prepared_sampling_equals_the_per_row_path(policy_type: str, monkeypatch
     noise = torch.randn(2, policy.config.horizon, 3)
     with torch.no_grad():
         fast = policy.predict_chunk(history, num_inference_steps=5, noise=noise)
-        monkeypatch.setattr(AdaLNDenoiser, "prepare", lambda self, times: _PerRowLevels(self, times))
+        monkeypatch.setattr(
+            AdaLNDenoiser,
+            "prepare",
+            lambda self, times, step_size=None: _PerRowLevels(self, times, step_size),
+        )
         slow = policy.predict_chunk(history, num_inference_steps=5, noise=noise)
     assert fast.abs().mean() > 0.1
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
