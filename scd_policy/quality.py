@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scd_policy.config import POLICY_TYPES, ConfigError, ExperimentConfig, resolve_config, task_spec
 from scd_policy.io import atomic_write_text
+
+if TYPE_CHECKING:  # imported where it runs: evaluation pulls in the simulators
+    from scd_policy.evaluation import EvalRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +150,17 @@ def eval_file(cfg: QualityConfig, num_inference_steps: int | None = None) -> str
 SHORTCUT_RUN = "shortcut"  # the distilled few-step decoder's run, inside the scd run it starts from
 
 
+def few_step_eval_path(cfg: QualityConfig, cell: Cell, seed: int, num_inference_steps: int) -> Path:
+    """The results file of an scd run's distilled decoder scored at K = ``num_inference_steps``."""
+    return run_dir_of(cfg, cell, "scd", seed) / SHORTCUT_RUN / eval_file(cfg, num_inference_steps)
+
+
+def is_few_step(row: dict[str, Any]) -> bool:
+    """A quality.json row of a distilled few-step decoder (the markdown lists them in a table of their
+    own; the main table and the plot leave them out)."""
+    return bool(row.get("decoder") == "shortcut")
+
+
 def run_dir_of(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> Path:
     return Path(cfg.out) / "runs" / cell.name / policy / f"seed{seed}"
 
@@ -264,7 +278,8 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
 
 def _eval_config(
     cfg: QualityConfig, cell: Cell, policy_dir: Path, out: Path, num_inference_steps: int | None = None
-) -> Any:
+) -> EvalRunConfig:
+    """The sweep's evaluation protocol for one policy folder, scored into ``out``."""
     from scd_policy.evaluation import EvalRunConfig
 
     return EvalRunConfig(
@@ -310,7 +325,7 @@ def run_few_step(cfg: QualityConfig, cell: Cell, seed: int) -> dict[int, dict[st
 
     run_dir = run_dir_of(cfg, cell, "scd", seed) / SHORTCUT_RUN
     results: dict[int, dict[str, Any]] = {}
-    todo = [k for k in cfg.few_step if not (run_dir / eval_file(cfg, k)).exists()]
+    todo = [k for k in cfg.few_step if not few_step_eval_path(cfg, cell, seed, k).exists()]
     policy_dir: Path | None = None
     if todo:
         log.info(
@@ -328,7 +343,7 @@ def run_few_step(cfg: QualityConfig, cell: Cell, seed: int) -> dict[int, dict[st
         if not clock.exists():
             atomic_write_text(clock, json.dumps({"seconds": time.perf_counter() - started}) + "\n")
     for k in cfg.few_step:
-        path = run_dir / eval_file(cfg, k)
+        path = few_step_eval_path(cfg, cell, seed, k)
         if not path.exists():
             assert policy_dir is not None
             log.info("%s / scd shortcut / seed %d: evaluating at K = %d", cell.name, seed, k)
@@ -352,10 +367,12 @@ def train_minutes(cfg: QualityConfig, cell: Cell, policy: str, inner: str = "") 
     return float(np.mean(times))
 
 
-def table_row(cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def table_row(
+    cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, Any]], shortcut: bool = False
+) -> dict[str, Any]:
     """One (cell, policy) entry of quality.json from its runs' evaluation results (one per training
     seed): success pooled over every (training seed, evaluation seed) pair, std over those pairs, with
-    the budget every run had."""
+    the budget every run had. ``shortcut``: the runs are scd's distilled few-step decoders."""
     per_seed = [[s["success_rate"] for s in r["per_seed"]] for r in runs]
     pooled = np.array([rate for rates in per_seed for rate in rates])
     row: dict[str, Any] = {
@@ -382,9 +399,9 @@ def table_row(cfg: QualityConfig, cell: Cell, policy: str, runs: list[dict[str, 
         "train_minutes": train_minutes(cfg, cell, policy),
         "n_action_steps": cfg.n_action_steps,  # None: each policy's own
         "num_inference_steps": runs[0].get("num_inference_steps"),  # K
-        "decoder": "shortcut" if runs[0].get("shortcut") else "flow",
+        "decoder": "shortcut" if shortcut else "flow",
     }
-    if runs[0].get("shortcut"):
+    if shortcut:
         row["distill_steps"] = cfg.distill_steps
         row["distill_minutes"] = train_minutes(cfg, cell, policy, SHORTCUT_RUN)
     for key in runs[0]:
@@ -430,7 +447,7 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         "| task | observation | " + " | ".join(policies) + " | scd - best baseline (points) |",
         "|---|---|" + "---|" * len(policies) + "---|",
     ]
-    main = [r for r in rows if r.get("decoder") != "shortcut"]
+    main = [r for r in rows if not is_few_step(r)]
     for cell in cells(cfg):
         found = {
             r["policy"]: r for r in main if r["task"] == cell.task and r["observation"] == cell.observation
@@ -441,25 +458,25 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         if "scd" in found and baselines:
             margin = f"{100 * (found['scd']['success_rate'] - max(baselines)):+.1f}"
         lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + f" | {margin} |")
-    few = [r for r in rows if r.get("decoder") == "shortcut"]
+    few = [r for r in rows if is_few_step(r)]
     if few:
+        # The K the scd runs were scored at (their config's num_inference_steps), as the first column.
+        base_k = next((r["num_inference_steps"] for r in main if r["policy"] == "scd"), "?")
         lines += [
             "",
             f"Few-step decoding: scd's decoder distilled into a shortcut decoder on its frozen encoder "
             f"({cfg.distill_steps} steps of batch {cfg.batch_size}), scored at K denoising steps, next to "
             "the run it started from.",
             "",
-            "| task | observation | scd K = "
-            + str(main[0].get("num_inference_steps") if main else "?")
-            + " | "
+            f"| task | observation | scd K = {base_k} | "
             + " | ".join(f"K = {k}" for k in cfg.few_step)
             + " |",
             "|---|---|---|" + "---|" * len(cfg.few_step),
         ]
         for cell in cells(cfg):
             here = [r for r in rows if r["task"] == cell.task and r["observation"] == cell.observation]
-            base = [r for r in here if r["policy"] == "scd" and r.get("decoder") != "shortcut"]
-            by_k = {r["num_inference_steps"]: r for r in here if r.get("decoder") == "shortcut"}
+            base = [r for r in here if r["policy"] == "scd" and not is_few_step(r)]
+            by_k = {r["num_inference_steps"]: r for r in here if is_few_step(r)}
             if not by_k:
                 continue
             entries = [_percent(base[0]) if base else "—"]
@@ -483,7 +500,7 @@ def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:
         xs, ys, errs = [], [], []
         for x, cell in enumerate(cells(cfg)):
             for r in rows:
-                if r.get("decoder") == "shortcut":  # the few-step rows are in the markdown table only
+                if is_few_step(r):  # the few-step rows are in the markdown table only
                     continue
                 if r["policy"] == policy and r["task"] == cell.task and r["observation"] == cell.observation:
                     xs.append(x + (index - (len(policies) - 1) / 2) * width)
@@ -525,13 +542,10 @@ def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
                 continue
             rows.append(table_row(cfg, cell, policy, [json.loads(path.read_text()) for path in paths]))
             for k in cfg.few_step if policy == "scd" else []:
-                few = [
-                    run_dir_of(cfg, cell, policy, s) / SHORTCUT_RUN / eval_file(cfg, k)
-                    for s in cfg.train_seeds
-                ]
+                few = [few_step_eval_path(cfg, cell, seed, k) for seed in cfg.train_seeds]
                 if all(path.exists() for path in few):
-                    runs = [{**json.loads(path.read_text()), "shortcut": True} for path in few]
-                    rows.append(table_row(cfg, cell, policy, runs))
+                    runs = [json.loads(path.read_text()) for path in few]
+                    rows.append(table_row(cfg, cell, policy, runs, shortcut=True))
     if not rows:
         raise ConfigError(
             f"report_only=true: no evaluated runs under {Path(cfg.out) / 'runs'} for these tasks, "
@@ -556,7 +570,7 @@ def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[s
             if policy == "scd" and cfg.few_step:
                 distilled = [run_few_step(cfg, cell, seed) for seed in cfg.train_seeds]
                 for k in cfg.few_step:
-                    rows.append(table_row(cfg, cell, policy, [{**d[k], "shortcut": True} for d in distilled]))
+                    rows.append(table_row(cfg, cell, policy, [d[k] for d in distilled], shortcut=True))
             paths = write_table(rows, cfg, command)
             log.info(
                 "%s / %s: success %.1f%% ± %.1f -> %s",

@@ -420,7 +420,7 @@ def freeze_parameters(policy: Policy, prefixes: list[str]) -> int:
             )
     frozen = 0
     for name, param in named.items():
-        if prefixes and name.startswith(tuple(prefixes)):
+        if name.startswith(tuple(prefixes)):
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
