@@ -19,10 +19,12 @@ from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from envs.registry import get_task, make_env
+from scd_policy.backends import attach_backend
 from scd_policy.config import ConfigError, EvalConfig, task_spec
 from scd_policy.conventions import is_policy_image
 from scd_policy.io import atomic_write_text
@@ -448,6 +450,12 @@ class EvalRunConfig(EvalConfig):
     # Image keys other than `image` -> the camera rendering each (default: that run's, else by name).
     cameras: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    # What runs the network: torch, onnx (exported graphs on ONNX Runtime, kept in <policy>/onnx; the
+    # onnx extra) or compile (torch.compile); the last two for scd (scd_policy.backends).
+    backend: str = "torch"
+    # CPU threads of torch (and ONNX Runtime) in this process; null: torch's default. With other jobs on
+    # the cores, 1 avoids oversubscription (2 threads on 2 busy cores can be 10x slower per step).
+    threads: int | None = None
     # Roll out through an scd-serve server instead (ws://host:port; checkpoint not needed), one session
     # per parallel environment; token: its shared secret.
     server: str | None = None
@@ -481,11 +489,16 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
     camera = cfg.camera or (str(run_cfg["camera"]) if run_cfg.get("camera") else None)
     recorded = run_cfg.get("cameras")
     cameras = {**(recorded if isinstance(recorded, dict) else {}), **cfg.cameras}
-    policy = load_policy(policy_dir, device=cfg.device)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
+    policy = attach_backend(load_policy(policy_dir, device=cfg.device), cfg.backend, checkpoint=policy_dir)
     log.info(
-        "evaluating %s (%s) on %s: %d episodes x %d seeds",
+        "evaluating %s (%s, backend %s) on %s: %d episodes x %d seeds",
         policy_dir,
         policy.config.type,
+        cfg.backend,
         task,
         cfg.episodes,
         len(cfg.seeds),
@@ -497,7 +510,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
         _eval_config(cfg),
         results_path=out,
         video_dir=out.parent / f"{out.stem}_videos",
-        extra={"checkpoint": str(policy_dir)},
+        extra={"checkpoint": str(policy_dir), "backend": cfg.backend},
     )
     _log_results(results, out)
     return results

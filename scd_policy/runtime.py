@@ -44,6 +44,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
+from scd_policy.backends import attach_backend
 from scd_policy.conventions import is_policy_image
 from scd_policy.diffusion import resolve_num_steps
 from scd_policy.execution import ChunkQueue, EnsembledChunks, TemporalEnsembler
@@ -204,19 +205,24 @@ class PolicyRuntime:
         device: str | torch.device = "cpu",
         *,
         policy_type: str | None = None,
+        backend: str = "torch",
         **kwargs: Any,
     ) -> PolicyRuntime:
         """Load a policy folder (``model.safetensors`` + ``config.json``) written by training.
 
         ``policy_type`` (e.g. ``"scd"``) refuses a folder holding another type; a folder of another
-        format version, an incomplete or corrupt one raises ``CheckpointError`` too. ``kwargs`` go to
-        the constructor.
+        format version, an incomplete or corrupt one raises ``CheckpointError`` too. ``backend``: what
+        runs the network (``"torch"``; ``"onnx"`` or ``"compile"`` for scd, see
+        ``scd_policy.backends``; an ONNX export is kept in ``<path>/onnx`` and reused). ``kwargs`` go to
+        the constructor (``num_threads`` is applied before the backend is set up).
         """
         if policy_type is None:
             policy = load_policy(path, device=device)
         else:
             policy = policy_class(policy_type).from_pretrained(path, device=device)
-        return cls(policy, **kwargs)
+        if kwargs.get("num_threads") is not None:
+            torch.set_num_threads(kwargs["num_threads"])
+        return cls(attach_backend(policy, backend, checkpoint=path), **kwargs)
 
     # ------------------------------------------------------------------ state
 

@@ -40,8 +40,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
     # torch first and alone: it must come from the CPU build pinned in constraints.txt.
     .venv/bin/python -m pip install --quiet -c constraints.txt torch 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]" 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import torch, mujoco, zarr, scd_policy, envs' \
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,onnx]" 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -c 'import torch, mujoco, zarr, onnxruntime, scd_policy, envs' \
         || { log "ERROR: the install did not complete (see pip's output above)"; exit 1; }
     echo "$want" > "$stamp"
 else

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from scd_policy.bench import BenchConfig, run_suites
+from scd_policy.bench.report import markdown
 from scd_policy.bench.setup import build_policy, context_window_for
 from scd_policy.config import ConfigError, DiffusionConfig
 from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels
@@ -120,7 +121,37 @@ def test_serve_suite_rows_and_report(tmp_path: Path) -> None:
     assert (out / "serve.png").stat().st_size > 0
 
 
+def test_latency_rows_of_scd_on_other_backends() -> None:
+    results = run_suites(
+        BenchConfig(
+            suite="latency",
+            size="tiny",
+            ks=[2],
+            histories=[3],
+            rounds=2,
+            warmup=0,
+            policies=["scd", "causal_diffusion"],
+            backends=["torch", "onnx"],
+        )
+    )
+    rows = results["rows"]
+    assert sorted((r["policy"], r["backend"], r["mode"]) for r in rows) == sorted(
+        (policy, backend, mode)
+        for policy, backend in (("scd", "torch"), ("scd", "onnx"), ("causal_diffusion", "torch"))
+        for mode in ("replan_every_step", "open_loop")
+    )
+    for row in rows:  # every ratio against scd on torch, in the same run
+        scd = next(r for r in rows if (r["policy"], r["backend"], r["mode"]) == ("scd", "torch", row["mode"]))
+        assert row["ratio_vs_scd"] == pytest.approx(row["p50_ms"] / scd["p50_ms"])
+    report = markdown(results, "scd-bench backends=[torch,onnx]")
+    assert "| scd [onnx] | replan_every_step | 2 | 3 | 1 |" in report
+
+
 def test_bad_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="backends"):
+        BenchConfig(backends=["onnx"])  # torch is every ratio's reference
+    with pytest.raises(ConfigError, match="backends"):
+        BenchConfig(backends=["torch", "tensorrt"])
     with pytest.raises(ConfigError, match="suite"):
         BenchConfig(suite="speed")
     with pytest.raises(ConfigError, match="policies"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from scd_policy.backends import BACKENDS
 from scd_policy.config import POLICY_TYPES, ConfigError
 
 SUITES = ("latency", "throughput", "context", "train", "serve", "all")
@@ -26,6 +27,10 @@ class BenchConfig:
     images: bool = False  # add one 96x96 RGB camera to the state (10,) input
     threads: int = 1  # torch CPU threads; 1 for batch-1 latency (no thread hand-offs on a shared CPU)
     policies: list[str] = field(default_factory=lambda: list(POLICY_TYPES))
+    # Inference backends of the latency/throughput/context grids (scd_policy.backends): every policy on
+    # torch, and scd also on each other one listed (rows carry "backend"; ratio_vs_scd is against scd on
+    # torch).
+    backends: list[str] = field(default_factory=lambda: ["torch"])
     ks: list[int] = field(default_factory=lambda: [1, 4, 10, 100])  # denoising steps K
     histories: list[int] = field(default_factory=lambda: [8, 32, 128, 512])  # steps already in context
     context_histories: list[int] = field(default_factory=lambda: [8, 32, 128, 512, 1024])
@@ -54,6 +59,8 @@ class BenchConfig:
         unknown = sorted(set(self.policies) - set(POLICY_TYPES))
         if unknown or not self.policies:
             raise ConfigError(f"policies={self.policies}: expected a non-empty subset of {POLICY_TYPES}")
+        if "torch" not in self.backends or sorted(set(self.backends) - set(BACKENDS)):
+            raise ConfigError(f"backends={self.backends}: expected torch plus any of {list(BACKENDS)}")
         for name in ("ks", "histories", "context_histories", "serve_sessions"):
             values = getattr(self, name)
             if not values or min(values) < 1:

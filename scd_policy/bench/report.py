@@ -25,10 +25,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def label(row: Row) -> str:
+    """The row's policy, with its inference backend when that is not torch: ``scd [onnx]``."""
+    backend = row.get("backend", "torch")
+    return row["policy"] if backend == "torch" else f"{row['policy']} [{backend}]"
+
+
+def _order(row: Row) -> tuple[int, int, str]:
+    policy = POLICY_ORDER.index(row["policy"]) if row["policy"] in POLICY_ORDER else 99
+    backend = row.get("backend", "torch")
+    return (policy, backend != "torch", backend)
+
+
 def _ordered(rows: Sequence[Row]) -> list[Row]:
     def key(row: Row) -> tuple[Any, ...]:
-        policy = POLICY_ORDER.index(row["policy"]) if row["policy"] in POLICY_ORDER else 99
-        return (row["suite"], row["mode"], row["K"] or 0, row["history"] or 0, row["batch"], policy)
+        return (row["suite"], row["mode"], row["K"] or 0, row["history"] or 0, row["batch"], _order(row))
 
     return sorted(rows, key=key)
 
@@ -90,7 +101,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
             for r in part:
                 value = r.get("per_denoise_step_ms") if suite == "context" else r["actions_per_s"]
                 lines.append(
-                    f"| {r['policy']} | {r['mode']} | {r['K']} | {r['history']} | {r['batch']} | "
+                    f"| {label(r)} | {r['mode']} | {r['K']} | {r['history']} | {r['batch']} | "
                     f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['mean_ms'])} | "
                     f"{_fmt(r['ratio_vs_scd'])} | {_fmt(value, 1 if suite != 'context' else 3)} | "
                     f"{_fmt(r['state_mb'], 2)} | {_fmt(r['peak_mem_mb'], 1)} |"
@@ -119,13 +130,14 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
             for r in rows
             if r["suite"] == suite
             and r["mode"] == mode
-            and r["policy"] == policy
+            and label(r) == policy
             and all(r[k] == v for k, v in fixed.items())
         ]
         part.sort(key=lambda r: r[x])
         return [r[x] for r in part], [r["p50_ms"] for r in part]
 
-    policies = [p for p in POLICY_ORDER if any(r["policy"] == p for r in rows)]
+    # Plotted series: a policy on one backend each (scd on torch first: the ratios' reference).
+    policies = [label(r) for r in sorted({label(r): r for r in rows}.values(), key=_order)]
 
     def part_all(suite: str) -> list[Row]:
         return [
@@ -150,7 +162,7 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
         for policy in policies[1:]:
             for k in ks:
                 part = sorted(
-                    (r for r in part_all(suite) if r["policy"] == policy and r["K"] == k),
+                    (r for r in part_all(suite) if label(r) == policy and r["K"] == k),
                     key=lambda r: r["history"],
                 )
                 axes[1].plot(
@@ -179,7 +191,7 @@ def plots(rows: Sequence[Row], out: Path) -> list[Path]:
     if context:
         fig, ax = plt.subplots(figsize=(6, 4))
         for policy in policies:
-            part = sorted((r for r in context if r["policy"] == policy), key=lambda r: r["history"])
+            part = sorted((r for r in context if label(r) == policy), key=lambda r: r["history"])
             ax.plot(
                 [r["history"] for r in part],
                 [r["per_denoise_step_ms"] for r in part],

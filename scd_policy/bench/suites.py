@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scd_policy.backends import attach_backend
 from scd_policy.bench.config import ALL_SUITES, BenchConfig
 from scd_policy.bench.measure import interleaved, peak_memory_mb, summary, synchronize
 from scd_policy.bench.serve_suite import serve_suite
@@ -76,23 +77,36 @@ class Bench:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.rng = np.random.default_rng(cfg.seed)
-        self.policies: dict[str, Policy] = {
-            name: build_policy(
-                name, cfg.size, cfg.state_dim, cfg.action_dim, cfg.images, cfg.device, cfg.seed, cfg.policy
-            )
-            for name in cfg.policies
-        }
+        self.policies: dict[str, Policy] = {name: self._build(name) for name in cfg.policies}
         self.params = {name: parameter_count(p) for name, p in self.policies.items()}
+        # What the runtime grids step: (policy, backend) -> the policy on that backend. scd on another
+        # backend is a second copy of the same weights (same seed), so the torch rows stay torch's.
+        self.runners: dict[tuple[str, str], Policy] = {
+            (name, "torch"): p for name, p in self.policies.items()
+        }
+        if "scd" in self.policies:
+            for backend in cfg.backends:
+                if backend != "torch":
+                    log.info("setting up scd on backend %s", backend)
+                    self.runners[("scd", backend)] = attach_backend(self._build("scd"), backend)
         self.common = {"device": cfg.device, "threads": cfg.threads, "size": cfg.size, "images": cfg.images}
+
+    def _build(self, name: str) -> Policy:
+        cfg = self.cfg
+        return build_policy(
+            name, cfg.size, cfg.state_dim, cfg.action_dim, cfg.images, cfg.device, cfg.seed, cfg.policy
+        )
 
     # ------------------------------------------------------------------ runtime grids
 
     def _observation(self, num_envs: int) -> dict[str, Any]:
         return random_observation(self.rng, num_envs, self.cfg.state_dim, self.cfg.images)
 
-    def _primed(self, name: str, history: int, num_envs: int, replan_every_step: bool) -> PolicyRuntime:
+    def _primed(
+        self, runner: tuple[str, str], history: int, num_envs: int, replan_every_step: bool
+    ) -> PolicyRuntime:
         runtime = PolicyRuntime(
-            self.policies[name],
+            self.runners[runner],
             context_window=context_window_for(history),
             num_envs=num_envs,
             num_inference_steps=1,
@@ -114,24 +128,26 @@ class Bench:
         modes = ["replan_every_step", "open_loop"] if open_loop else ["replan_every_step"]
         for history in histories:
             runtimes = {
-                (name, mode): self._primed(name, history, num_envs, mode == "replan_every_step")
-                for name in self.policies
+                (runner, mode): self._primed(runner, history, num_envs, mode == "replan_every_step")
+                for runner in self.runners
                 for mode in modes
             }
-            actions: dict[tuple[str, str, int], Callable[[], float | None]] = {}
-            for (name, mode), runtime in runtimes.items():
+            actions: dict[tuple[tuple[str, str], str, int], Callable[[], float | None]] = {}
+            for (runner, mode), runtime in runtimes.items():
                 for k in ks:
-                    actions[(name, mode, k)] = self._ticker(runtime, k, num_envs, mode)
+                    actions[(runner, mode, k)] = self._ticker(runtime, k, num_envs, mode)
             log.info("%s: history %d, %d settings x %d rounds", suite, history, len(actions), rounds)
             values = interleaved(actions, rounds, cfg.warmup)
-            for (name, mode, k), measured in values.items():
-                runtime = runtimes[(name, mode)]
-                memory = peak_memory_mb(actions[(name, mode, k)], self.device)
+            for (runner, mode, k), measured in values.items():
+                runtime = runtimes[(runner, mode)]
+                memory = peak_memory_mb(actions[(runner, mode, k)], self.device)
                 stats = summary(measured)
+                name, backend = runner
                 rows.append(
                     {
                         "suite": suite,
                         "policy": name,
+                        "backend": backend,
                         "mode": mode,
                         "K": k,
                         "history": history,
@@ -257,8 +273,8 @@ class Bench:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """``ratio_vs_scd`` = p50 of the row / p50 of the scd row of the same setting (>1: slower than SCD;
-    for training: time per optimizer step at the same batch size)."""
+    """``ratio_vs_scd`` = p50 of the row / p50 of the scd row (on torch) of the same setting (>1: slower
+    than SCD; for training: time per optimizer step at the same batch size)."""
 
     def setting(row: Row) -> tuple[Any, ...]:
         # A training "history" is the policy's own window (W steps vs n_obs_steps): not part of the setting.
@@ -269,7 +285,9 @@ def add_ratios(rows: list[Row]) -> None:
         )
         return tuple(row[k] for k in keys)
 
-    scd = {setting(r): r["p50_ms"] for r in rows if r["policy"] == "scd"}
+    scd = {
+        setting(r): r["p50_ms"] for r in rows if r["policy"] == "scd" and r.get("backend", "torch") == "torch"
+    }
     for row in rows:
         base = scd.get(setting(row))
         row["ratio_vs_scd"] = None if base is None else row["p50_ms"] / base

@@ -195,6 +195,14 @@ class KVCache:
             n_new_steps=n_new_steps,
         )
 
+    def past(self) -> list[tuple[Tensor, Tensor]] | None:
+        """After ``begin``: per layer the kept keys (rotated) / values (B, heads, M, head_dim) the new
+        tokens attend to, or None when nothing is kept. For callers that compute the layers themselves
+        (an exported graph) and then hand the new tokens to ``extend`` and ``commit`` as usual."""
+        if self._start == self._end:
+            return None
+        return list(zip(self.keys, self.values, strict=True))
+
     def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write one layer's new keys (rotated) and values (B, heads, N_new, head_dim) after the kept
         tokens; return the keys/values to attend over, kept + new (B, heads, M + N_new, head_dim).
@@ -260,6 +268,8 @@ class StepCache(Protocol):
         self, n_new_steps: int, tokens_per_step: int, batch_size: int, head_dim: int, device: torch.device
     ) -> StepPlan: ...
 
+    def past(self) -> list[tuple[Tensor, Tensor]] | None: ...
+
     def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def commit(self, plan: StepPlan) -> None: ...
@@ -309,7 +319,30 @@ class StackedCache:
                     mask[row, :, :, width - kept :] = True
                 else:
                     mask[row, :, :, width - kept :] = plan.mask[0]
-        return StepPlan(rope=(cos, sin), mask=mask, n_old_steps=width, n_new_steps=n_new_steps)
+        # Counted in steps like a KVCache's plan: the padded prefix holds width // tokens_per_step of them.
+        return StepPlan(
+            rope=(cos, sin), mask=mask, n_old_steps=width // tokens_per_step, n_new_steps=n_new_steps
+        )
+
+    def past(self) -> list[tuple[Tensor, Tensor]] | None:
+        """After ``begin``: per layer every row's kept keys / values, right-aligned and zero-padded at
+        the front to the longest (R, heads, width, hd) (the plan's mask hides the padding); None when no
+        cache keeps anything."""
+        if self._width == 0:
+            return None
+        kept_caches = [(row, cache) for row, cache in enumerate(self.caches) if self._kept[row]]
+        like = kept_caches[0][1].keys[0]
+        r, (_, h, _, d) = len(self.caches), like.shape
+        out: list[tuple[Tensor, Tensor]] = []
+        for layer in range(self.caches[0].n_layers):
+            keys = like.new_zeros(r, h, self._width, d)
+            values = like.new_zeros(r, h, self._width, d)
+            for row, cache in kept_caches:
+                kept = self._kept[row]
+                keys[row, :, self._width - kept :] = cache.keys[layer][0]
+                values[row, :, self._width - kept :] = cache.values[layer][0]
+            out.append((keys, values))
+        return out
 
     def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Hand row i's new keys/values (R, heads, N_new, hd) to cache i; return every row's kept + new

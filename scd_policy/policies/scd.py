@@ -21,6 +21,7 @@ one encoder call over their ``StackedCache`` and one decoder run over their cont
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -33,6 +34,9 @@ from scd_policy.models.kv_cache import KVCache, StackedCache, StepCache
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies.base import StreamState, masked_mse
 from scd_policy.policies.causal import CausalPolicy
+
+if TYPE_CHECKING:
+    from scd_policy.backends.engine import StepEngine
 
 
 class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
@@ -59,6 +63,9 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
             config.n_context_tokens,
             step_conditioning=config.diffusion.shortcut,
         )
+        # What runs the encoder step and the decoder calls at inference when not this module's own
+        # torch code (``scd_policy.backends.attach_backend``); training never goes through it.
+        self.engine: StepEngine | None = None
 
     def decoder_parameter_prefixes(self) -> tuple[str, ...]:
         return ("decoder.",)
@@ -67,6 +74,8 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         return self.encoder.new_cache(max_steps)
 
     def encode_tokens(self, tokens: Tensor, cache: StepCache) -> Tensor:
+        if self.engine is not None:
+            return self.engine.encode(tokens, cache)[:, -1]
         context: Tensor = self.encoder(tokens, cache)  # (B, T, n_ctx, D)
         return context[:, -1]
 
@@ -113,6 +122,15 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     def prepare_denoiser(self, context: Tensor, times: Tensor) -> diffusion.StepFn:
         # The K steps' modulations in one batched pass; a shortcut decoder is told its step size 1/K.
         step_size = 1.0 / len(times) if self.config.diffusion.shortcut else None
+        engine = self.engine
+        if engine is not None:
+            prepared = engine.prepared(times, step_size)
+
+            def engine_step(x: Tensor, k: int) -> Tensor:
+                return engine.denoise(x, prepared.blocks[k], prepared.final[k], context)
+
+            return engine_step
+
         shared = self.decoder.prepare(times, step_size)
         decoder = self.decoder
 

@@ -378,6 +378,7 @@ class ServeConfig(ServeOptions):
     checkpoint: str = ""  # a run folder, a checkpoints/step_* folder, or a policy folder
     device: str = "cpu"
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
+    backend: str = "torch"  # torch, onnx or compile (scd only for the last two; scd_policy.backends)
 
 
 def run_server(cfg: ServeConfig) -> None:
@@ -387,6 +388,7 @@ def run_server(cfg: ServeConfig) -> None:
 
     import torch
 
+    from scd_policy.backends import attach_backend
     from scd_policy.config import ConfigError
     from scd_policy.evaluation import run_config_for
     from scd_policy.policies import load_policy
@@ -397,7 +399,7 @@ def run_server(cfg: ServeConfig) -> None:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     policy_dir = resolve_policy_dir(Path(cfg.checkpoint))
-    policy = load_policy(policy_dir, device=cfg.device)
+    policy = attach_backend(load_policy(policy_dir, device=cfg.device), cfg.backend, checkpoint=policy_dir)
     run_cfg = run_config_for(policy_dir)
     task = str(run_cfg.get("task") or "") or None
     camera = str(run_cfg.get("camera") or "") or None
@@ -415,6 +417,8 @@ def run_server(cfg: ServeConfig) -> None:
         )
     except ValueError as error:  # a runtime option that does not fit this policy (n_action_steps, ...)
         raise ConfigError(f"{error} (for the policy in {policy_dir})") from None
-    log.info("loaded %s (%s, task %s)", policy_dir, policy.config.type, task or "unknown")
+    log.info(
+        "loaded %s (%s, backend %s, task %s)", policy_dir, policy.config.type, cfg.backend, task or "unknown"
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve_forever())

@@ -280,6 +280,37 @@ def test_scd_eval_rolls_out_through_the_server(trained_run: Path, server: str, t
             np.testing.assert_allclose(fleet.step(batch), runtime.step(batch), atol=1e-6, rtol=0)
 
 
+def test_backend_onnx_serves_and_rolls_out_like_torch(trained_run: Path, tmp_path: Path) -> None:
+    # scd-serve backend=onnx exports the policy once (into <policy>/onnx) and serves the actions the
+    # local torch runtime computes, to float32 rounding; scd-eval backend=onnx rolls out with that export.
+    with serving(trained_run, "backend=onnx") as (url, _), PolicyClient(url) as client:
+        client.reset(seed=3)
+        runtime = local(trained_run, 3)
+        for obs in observations(13, 3):
+            np.testing.assert_allclose(client.step(obs), runtime.step(obs), rtol=0, atol=1e-4)
+    assert (resolve_policy_dir(trained_run) / "onnx" / "manifest.json").is_file()
+    out = tmp_path / "onnx.json"
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "scd-eval"),
+            f"checkpoint={trained_run}",
+            "backend=onnx",
+            "threads=1",
+            "episodes=2",
+            "seeds=[0]",
+            "n_envs=1",
+            "videos=0",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["backend"] == "onnx" and results["task"] == TASK and results["mean_episode_length"] > 0
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
