@@ -130,19 +130,25 @@ def test_latency_rows_of_scd_on_other_backends() -> None:
             histories=[3],
             rounds=2,
             warmup=0,
-            policies=["scd", "causal_diffusion"],
+            policies=["scd", "causal_diffusion", "diffusion_policy"],
             backends=["torch", "onnx"],
+            deferred_open_loop=True,
         )
     )
     rows = results["rows"]
+    causal = (("scd", "torch"), ("scd", "onnx"), ("causal_diffusion", "torch"))
     assert sorted((r["policy"], r["backend"], r["mode"]) for r in rows) == sorted(
-        (policy, backend, mode)
-        for policy, backend in (("scd", "torch"), ("scd", "onnx"), ("causal_diffusion", "torch"))
-        for mode in ("replan_every_step", "open_loop")
+        [
+            *((p, b, m) for p, b in causal for m in ("replan_every_step", "open_loop", "open_loop_deferred")),
+            *(("diffusion_policy", "torch", m) for m in ("replan_every_step", "open_loop")),
+        ]
     )
     for row in rows:  # every ratio against scd on torch, in the same run
         scd = next(r for r in rows if (r["policy"], r["backend"], r["mode"]) == ("scd", "torch", row["mode"]))
         assert row["ratio_vs_scd"] == pytest.approx(row["p50_ms"] / scd["p50_ms"])
+    for row in rows:  # an open-loop cycle's slowest tick is its replan: above the mean per tick
+        assert (row["replan_tick_ms"] is None) == (row["mode"] == "replan_every_step")
+        assert row["replan_tick_ms"] is None or row["replan_tick_ms"] >= row["p50_ms"] * 0.5
     report = markdown(results, "scd-bench backends=[torch,onnx]")
     assert "| scd [onnx] | replan_every_step | 2 | 3 | 1 |" in report
 

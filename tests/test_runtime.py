@@ -21,6 +21,7 @@ from scd_policy.config import DiffusionConfig, PolicyConfig, config_dir
 from scd_policy.execution import ChunkQueue
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies import CheckpointError, Policy, SeparableCausalDiffusionPolicy, make_policy
+from scd_policy.policies.causal import CausalStreamState
 from scd_policy.runtime import ObservationError, PolicyRuntime, TemporalEnsembler, stream_generator
 
 TYPES = ("scd", "causal_diffusion", "diffusion_policy")
@@ -163,6 +164,52 @@ def test_scd_runs_the_encoder_once_per_step_on_the_new_step_only() -> None:
             hook.remove()
     assert new_steps == [1] * 9  # one call per tick, one step of tokens (the cache holds the rest)
     assert decoder_calls[0] == 3 * 4  # 3 replans (ticks 0, 3, 6) x K = 4
+
+
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_deferred_encoding_gives_the_same_actions(policy_type: str) -> None:
+    # defer_encoding: ticks without a replan only tokenize; the next replan encodes the buffered steps in
+    # one call. Same actions (float32 rounding), including a per-stream reset while steps are buffered
+    # (stream 0 at tick 7, between replans at ticks 6 and 9) and a window that evicts (7 steps).
+    policy = build(policy_type)
+    obs = episode(16, n=3, seed=4)
+
+    def actions(defer: bool) -> np.ndarray:
+        runtime = PolicyRuntime(policy, num_envs=3, num_inference_steps=K, seed=1, defer_encoding=defer)
+        out = []
+        for t in range(16):
+            if t == 7:
+                runtime.reset(np.array([True, False, False]))
+            out.append(runtime.step({k: v[t] for k, v in obs.items()}))
+        return np.stack(out)
+
+    np.testing.assert_allclose(actions(True), actions(False), atol=1e-5, rtol=0)
+
+
+def test_deferred_encoding_encodes_the_buffered_steps_at_the_replan() -> None:
+    policy = build("scd")
+    assert isinstance(policy, SeparableCausalDiffusionPolicy)
+    new_steps: list[int] = []
+    hook = policy.encoder.register_forward_pre_hook(lambda _, args: new_steps.append(args[0].shape[1]))
+    try:
+        runtime = PolicyRuntime(policy, num_inference_steps=K, defer_encoding=True)
+        run(runtime, {"state": episode(9)["state"]})
+        state = runtime._state
+        assert new_steps == [1, 3, 3]  # replans at ticks 0, 3, 6; ticks 7 and 8 wait for the next one
+        assert isinstance(state, CausalStreamState) and len(state.pending) == 2 and state.nbytes() > 0
+        # Observing without ever sampling buffers at most one window (context_window = 7).
+        with torch.inference_mode():  # the runtime's state tensors are inference tensors
+            for _ in range(20):
+                policy.observe(
+                    state,
+                    {"state": torch.randn(1, STATE_DIM)},
+                    torch.zeros(1, ACTION_DIM),
+                    torch.ones(1, dtype=torch.bool),
+                    defer=True,
+                )
+                assert len(state.pending) < 7
+    finally:
+        hook.remove()
 
 
 # ----------------------------------------------------------------------------- resets

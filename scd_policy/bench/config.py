@@ -40,6 +40,9 @@ class BenchConfig:
     throughput_batch: int = 64
     throughput_rounds: int = 6
     open_loop_steps: int = 8  # n_action_steps of the open-loop mode
+    # Also the open loop with PolicyRuntime(defer_encoding=True) for the causal policies (mode
+    # "open_loop_deferred": ticks without a replan only tokenize; the replan encodes them in one call).
+    deferred_open_loop: bool = False
     train_batch: int = 32
     train_rounds: int = 8
     # serve: concurrent sessions of a lockstep fleet, ticks per round, rounds (scd only)

@@ -95,8 +95,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
             extra = "per denoise step ms" if suite == "context" else "actions/s"
             lines += [
                 f"| policy | mode | K | history | batch | p50 ms | p90 ms | mean ms | ratio_vs_scd | {extra} "
-                "| cache MiB | peak MiB |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "| replan tick ms | cache MiB | peak MiB |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in part:
                 value = r.get("per_denoise_step_ms") if suite == "context" else r["actions_per_s"]
@@ -104,7 +104,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
                     f"| {label(r)} | {r['mode']} | {r['K']} | {r['history']} | {r['batch']} | "
                     f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['mean_ms'])} | "
                     f"{_fmt(r['ratio_vs_scd'])} | {_fmt(value, 1 if suite != 'context' else 3)} | "
-                    f"{_fmt(r['state_mb'], 2)} | {_fmt(r['peak_mem_mb'], 1)} |"
+                    f"{_fmt(r.get('replan_tick_ms'))} | {_fmt(r['state_mb'], 2)} | "
+                    f"{_fmt(r['peak_mem_mb'], 1)} |"
                 )
         lines.append("")
     return "\n".join(lines)

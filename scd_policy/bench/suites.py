@@ -102,9 +102,8 @@ class Bench:
     def _observation(self, num_envs: int) -> dict[str, Any]:
         return random_observation(self.rng, num_envs, self.cfg.state_dim, self.cfg.images)
 
-    def _primed(
-        self, runner: tuple[str, str], history: int, num_envs: int, replan_every_step: bool
-    ) -> PolicyRuntime:
+    def _primed(self, runner: tuple[str, str], history: int, num_envs: int, mode: str) -> PolicyRuntime:
+        replan_every_step = mode == "replan_every_step"
         runtime = PolicyRuntime(
             self.runners[runner],
             context_window=context_window_for(history),
@@ -113,6 +112,7 @@ class Bench:
             replan_every_step=replan_every_step,
             n_action_steps=None if replan_every_step else self.cfg.open_loop_steps,
             seed=self.cfg.seed,
+            defer_encoding=mode == "open_loop_deferred",
         )
         for _ in range(history):  # cheap priming (K = 1); the context is what matters
             runtime.step(self._observation(num_envs))
@@ -126,16 +126,23 @@ class Bench:
         cfg = self.cfg
         rows: list[Row] = []
         modes = ["replan_every_step", "open_loop"] if open_loop else ["replan_every_step"]
+        if open_loop and cfg.deferred_open_loop:
+            modes.append("open_loop_deferred")
         for history in histories:
             runtimes = {
-                (runner, mode): self._primed(runner, history, num_envs, mode == "replan_every_step")
+                (runner, mode): self._primed(runner, history, num_envs, mode)
                 for runner in self.runners
                 for mode in modes
+                if mode != "open_loop_deferred" or self.runners[runner].config.is_causal
             }
             actions: dict[tuple[tuple[str, str], str, int], Callable[[], float | None]] = {}
+            slowest: dict[tuple[tuple[str, str], str, int], list[float]] = {}
             for (runner, mode), runtime in runtimes.items():
                 for k in ks:
-                    actions[(runner, mode, k)] = self._ticker(runtime, k, num_envs, mode)
+                    slowest[(runner, mode, k)] = []
+                    actions[(runner, mode, k)] = self._ticker(
+                        runtime, k, num_envs, mode, slowest[(runner, mode, k)]
+                    )
             log.info("%s: history %d, %d settings x %d rounds", suite, history, len(actions), rounds)
             values = interleaved(actions, rounds, cfg.warmup)
             for (runner, mode, k), measured in values.items():
@@ -154,6 +161,10 @@ class Bench:
                         "batch": num_envs,
                         **stats,
                         "actions_per_s": 1000.0 * num_envs / stats["p50_ms"],
+                        # Open loop: the median over cycles of the cycle's slowest tick (its replan).
+                        "replan_tick_ms": float(np.median(slowest[(runner, mode, k)]))
+                        if mode != "replan_every_step"
+                        else None,
                         "params": self.params[name],
                         "peak_mem_mb": memory,
                         "state_mb": runtime.state_nbytes() / 2**20,
@@ -162,9 +173,12 @@ class Bench:
                 )
         return rows
 
-    def _ticker(self, runtime: PolicyRuntime, k: int, num_envs: int, mode: str) -> Callable[[], float | None]:
+    def _ticker(
+        self, runtime: PolicyRuntime, k: int, num_envs: int, mode: str, slowest: list[float]
+    ) -> Callable[[], float | None]:
         """One measurement: a tick (replan every step), or the mean ms per tick over one open-loop
-        cycle of ``open_loop_steps`` ticks (exactly one replan in it)."""
+        cycle of ``open_loop_steps`` ticks (exactly one replan in it; its slowest tick goes to
+        ``slowest``)."""
         ticks = 1 if mode == "replan_every_step" else self.cfg.open_loop_steps
         observations = [self._observation(num_envs) for _ in range(ticks)]
 
@@ -176,7 +190,9 @@ class Bench:
             start = len(runtime.latencies_ms)
             for obs in observations:
                 runtime.step(obs)
-            return float(np.mean(list(runtime.latencies_ms)[start:]))
+            cycle = list(runtime.latencies_ms)[start:]
+            slowest.append(max(cycle))
+            return float(np.mean(cycle))
 
         return tick
 

@@ -153,10 +153,20 @@ class Policy(nn.Module, ABC):
 
     @abstractmethod
     def observe(
-        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+        self,
+        state: StreamState,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_valid: Tensor,
+        *,
+        defer: bool = False,
     ) -> None:
         """Record one control step of every stream: obs[key] (N, *shape) raw, the action executed at the
-        previous tick (N, Da) raw, and whether there was one (N,) bool (False at an episode start)."""
+        previous tick (N, Da) raw, and whether there was one (N,) bool (False at an episode start).
+
+        ``defer``: no stream samples before the next ``observe``, so a policy may postpone this step's
+        work and do it together with later steps' (the causal policies then encode the buffered steps
+        in one encoder call; ``sample`` always sees every observed step)."""
 
     @abstractmethod
     def sample(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -63,21 +63,34 @@ class TrainingInputs:
 
 
 class CausalStreamState(StreamState, Generic[ContextT]):
-    """The causal policies' per-stream state: the KV cache of the window and the newest step's context."""
+    """The causal policies' per-stream state: the KV cache of the window, the newest encoded step's
+    context, and the steps observed with ``defer`` whose tokens wait for one encoder call (``pending``,
+    each (B, 1, S, D); ``encode_pending`` appends them to the cache)."""
 
-    def __init__(self, cache: KVCache) -> None:
+    def __init__(self, cache: KVCache, encode: Callable[[Tensor, KVCache], ContextT]) -> None:
         self.cache = cache
         self.context: ContextT | None = None
+        self.pending: list[Tensor] = []
+        self._encode: Callable[[Tensor, KVCache], ContextT] = encode
+
+    def encode_pending(self) -> None:
+        """Encode the buffered steps, in one call (exactly what one call per step would have cached)."""
+        if self.pending:
+            tokens = torch.cat(self.pending, dim=1)  # (B, T, S, D)
+            self.pending = []
+            self.context = self._encode(tokens, self.cache)
 
     def reset(self, streams: Tensor | None = None) -> None:
         if streams is None:
+            self.pending = []
             self.cache.reset()
         elif bool(streams.any()):
+            self.encode_pending()  # the other streams' buffered steps happened: keep them
             self.cache.reset(streams)
         # The context of the reset streams is stale until the next observe(), which replaces it.
 
     def nbytes(self) -> int:
-        return self.cache.nbytes()
+        return self.cache.nbytes() + sum(t.numel() * t.element_size() for t in self.pending)
 
 
 class CausalPolicy(Policy, Generic[ContextT]):
@@ -128,13 +141,25 @@ class CausalPolicy(Policy, Generic[ContextT]):
     def init_state(self, num_streams: int, context_window: int | None = None) -> CausalStreamState[ContextT]:
         if context_window is not None and context_window < 1:
             raise ValueError(f"context_window must be >= 1, got {context_window}")
-        return CausalStreamState(self.new_cache(context_window or self.config.context_window))
+        return CausalStreamState(
+            self.new_cache(context_window or self.config.context_window), self.encode_tokens
+        )
 
     def observe(
-        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+        self,
+        state: StreamState,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_valid: Tensor,
+        *,
+        defer: bool = False,
     ) -> None:
         causal = self._causal_state(state)
-        causal.context = self.encode_step(obs, prev_action, causal.cache, prev_valid)
+        causal.pending.append(self.step_tokens(obs, prev_action, prev_valid))
+        # A deferred step waits for the next sampled one, but never longer than the window: what is
+        # buffered is then at most one window, the block size predict_chunk encodes in too.
+        if not defer or len(causal.pending) >= (causal.cache.max_steps or self.config.context_window):
+            causal.encode_pending()
 
     def sample(
         self,
@@ -146,7 +171,9 @@ class CausalPolicy(Policy, Generic[ContextT]):
         noise: Tensor | None = None,
         prefix: Tensor | None = None,
     ) -> Tensor:
-        context = self._causal_state(state).context
+        causal = self._causal_state(state)
+        causal.encode_pending()
+        context = causal.context
         if context is None:
             raise RuntimeError("sample() before observe(): there is no step to plan for")
         if rows.numel() < self.context_streams(context):
@@ -195,6 +222,12 @@ class CausalPolicy(Policy, Generic[ContextT]):
         prev_action_valid: Tensor | None = None,
     ) -> ContextT:
         """One control step for B streams: obs[key] (B, *shape), prev_action (B, Da) raw or None."""
+        return self.encode_tokens(self.step_tokens(obs, prev_action, prev_action_valid), cache)
+
+    def step_tokens(
+        self, obs: Mapping[str, Tensor], prev_action: Tensor | None, prev_action_valid: Tensor | None = None
+    ) -> Tensor:
+        """The tokens (B, 1, S, D) of one control step (arguments as ``encode_step``'s)."""
         first = obs.get(self.obs_keys[0])
         if first is None:
             raise KeyError(f"encode_step: observation key {self.obs_keys[0]!r} is missing; got {sorted(obs)}")
@@ -205,11 +238,10 @@ class CausalPolicy(Policy, Generic[ContextT]):
             prev_action_valid = torch.zeros(b, dtype=torch.bool, device=device)
         elif prev_action_valid is None:
             prev_action_valid = torch.ones(b, dtype=torch.bool, device=device)
-        return self.encode_steps(
+        return self.tokenize(
             {key: value.unsqueeze(1) for key, value in obs.items() if key in self.config.input_shapes},
             prev_action.unsqueeze(1),
             prev_action_valid.unsqueeze(1),
-            cache,
         )
 
     def sample_chunk(

@@ -94,7 +94,13 @@ class DiffusionPolicy(Policy):
         return ObservationWindow(num_streams, self.config.n_obs_steps)
 
     def observe(
-        self, state: StreamState, obs: Mapping[str, Tensor], prev_action: Tensor, prev_valid: Tensor
+        self,
+        state: StreamState,
+        obs: Mapping[str, Tensor],
+        prev_action: Tensor,
+        prev_valid: Tensor,
+        *,
+        defer: bool = False,
     ) -> None:
         # A window policy only queues the observation (its encoder runs once per chunk, in sample()).
         self.own_state(state, ObservationWindow).push(obs)

@@ -91,6 +91,8 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
             self.observe(states[0], obs, prev_action, prev_valid)
             return
         owned = [self._causal_state(state) for state in states]
+        for state in owned:  # steps a runtime's own step() deferred come first, one state at a time
+            state.encode_pending()
         context = self.encode_step(obs, prev_action, StackedCache([s.cache for s in owned]), prev_valid)
         for row, state in enumerate(owned):
             state.context = context[row : row + 1]  # (1, n_ctx, D)
@@ -104,7 +106,10 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         prefix: Tensor | None = None,
     ) -> Tensor:
         # One decoder run over the states' contexts side by side.
-        contexts = [self._causal_state(state).context for state in states]
+        owned = [self._causal_state(state) for state in states]
+        for state in owned:
+            state.encode_pending()
+        contexts = [state.context for state in owned]
         if any(context is None for context in contexts):
             raise RuntimeError("sample_many() before observe(): a state has no step to plan for")
         context = torch.cat([c for c in contexts if c is not None])  # (R, n_ctx, D)
