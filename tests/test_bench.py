@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from scd_policy.bench import BenchConfig, run_suites
+from scd_policy.bench.limit import kernel_ms, record_compute
 from scd_policy.bench.report import markdown
 from scd_policy.bench.setup import build_policy, context_window_for
 from scd_policy.config import ConfigError, DiffusionConfig
@@ -151,6 +152,56 @@ def test_latency_rows_of_scd_on_other_backends() -> None:
         assert row["replan_tick_ms"] is None or row["replan_tick_ms"] >= row["p50_ms"] * 0.5
     report = markdown(results, "scd-bench backends=[torch,onnx]")
     assert "| scd [onnx] | replan_every_step | 2 | 3 | 1 |" in report
+
+
+def test_limit_suite_puts_each_step_next_to_its_bound() -> None:
+    results = run_suites(
+        BenchConfig(
+            suite="limit",
+            size="tiny",
+            ks=[1, 3],
+            histories=[2],
+            rounds=2,
+            warmup=0,
+            policies=["scd", "diffusion_policy"],
+            backends=["torch", "onnx"],
+        )
+    )
+    rows = {(r["policy"], r["backend"], r["K"]): r for r in results["rows"]}
+    assert set(rows) == {
+        (p, b, k)
+        for p, b in (("scd", "torch"), ("scd", "onnx"), ("diffusion_policy", "torch"))
+        for k in (1, 3)
+    }
+    for row in rows.values():
+        assert row["suite"] == "limit" and row["size"] == "tiny" and row["batch"] == 1
+        assert row["flops_bound_ms"] > 0 and row["bound_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+        assert row["ratio_vs_bound"] == pytest.approx(row["p50_ms"] / row["bound_ms"])
+    for policy in ("scd", "diffusion_policy"):  # K decoder calls more: more arithmetic, more kernels
+        assert rows[(policy, "torch", 3)]["gflop_per_step"] > rows[(policy, "torch", 1)]["gflop_per_step"]
+        assert rows[(policy, "torch", 3)]["kernel_calls"] > rows[(policy, "torch", 1)]["kernel_calls"]
+    # A backend runs the same arithmetic: the same bound.
+    assert rows[("scd", "onnx", 3)]["bound_ms"] == rows[("scd", "torch", 3)]["bound_ms"]
+    assert "| scd [onnx] | tiny | 3 |" in markdown(results, "scd-bench suite=limit")
+
+
+def test_recorded_kernels_and_their_flops() -> None:
+    linear = torch.nn.Linear(16, 32)
+    x = torch.randn(5, 16)
+
+    def step() -> None:
+        with torch.inference_mode():  # as a runtime step runs: composite ops are seen whole there
+            linear(x)
+            torch.nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 6, 8) for _ in range(3)))
+
+    calls = record_compute(step)
+    assert [str(c.func) for c in calls] == [
+        "aten.addmm.default",
+        "aten._scaled_dot_product_flash_attention_for_cpu.default",
+    ]
+    assert calls[0].flops == 2 * 5 * 16 * 32
+    assert calls[1].flops == 2 * 2 * (2 * 6 * 6 * 8)  # scores and weighted values, 2 heads
+    assert kernel_ms(calls[0], min_time_s=0.001) > 0 and calls[0].key != calls[1].key
 
 
 def test_bad_options_are_refused() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from scd_policy.backends import BACKENDS
 from scd_policy.config import POLICY_TYPES, ConfigError
 
-SUITES = ("latency", "throughput", "context", "train", "serve", "all")
+SUITES = ("latency", "throughput", "context", "train", "serve", "limit", "all")
 # What suite=all runs: the policy suites (serve starts server processes and runs on its own).
 ALL_SUITES = ("latency", "throughput", "context", "train")
 
@@ -17,7 +17,7 @@ ALL_SUITES = ("latency", "throughput", "context", "train")
 class BenchConfig:
     """What to measure and how long. ``quick`` swaps in small grids and few rounds (< 1 min on a CPU)."""
 
-    suite: str = "latency"  # latency | throughput | context | train | serve | all (all but serve)
+    suite: str = "latency"  # latency | throughput | context | train | serve | limit | all (not serve/limit)
     out: str = "bench"  # folder for results.json, results.md and the plots
     quick: bool = False
     size: str = "small"  # size preset under configs/size/ (on the command line: the `size` config group)
@@ -52,6 +52,8 @@ class BenchConfig:
     # Every session's latency budget (PolicyRuntime latency_ticks): > 0 lets the server plan the next
     # chunk after sending the tick's replies.
     serve_latency_ticks: int = 0
+    # limit: the presets measured (default: size), at every K of ks and the first of histories.
+    limit_sizes: list[str] = field(default_factory=list)
     state_dim: int = 10
     action_dim: int = 4
     seed: int = 0

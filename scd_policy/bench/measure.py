@@ -39,11 +39,12 @@ def interleaved(
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
-    """p50/p90/mean/min of a list of ms values."""
+    """p50/p90/p99/mean/min of a list of ms values."""
     array = np.asarray(values, dtype=np.float64)
     return {
         "p50_ms": float(np.percentile(array, 50)),
         "p90_ms": float(np.percentile(array, 90)),
+        "p99_ms": float(np.percentile(array, 99)),
         "mean_ms": float(array.mean()),
         "min_ms": float(array.min()),
         "n": float(array.size),

@@ -79,6 +79,22 @@ def markdown(results: dict[str, Any], command: str) -> str:
                     f"{_fmt(r['speedup_vs_unbatched'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
                     f"{_fmt(r['p99_vs_single'])} |"
                 )
+        elif suite == "limit":
+            lines += [
+                "Replanning step at batch 1. bound: the step's compute kernels alone, each timed at its "
+                "own shapes (no Python or dispatch between them); flops bound: its FLOPs at the best "
+                "matmul rate (peak GFLOP/s). vs bound = p50 / bound.",
+                "",
+                "| policy | size | K | p50 ms | p99 ms | bound ms | vs bound | flops bound ms | GFLOP/step "
+                "| kernel calls | ratio_vs_scd |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sorted(part, key=lambda r: (r["size"], r["K"], _order(r))):
+                lines.append(
+                    f"| {label(r)} | {r['size']} | {r['K']} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
+                    f"{_fmt(r['bound_ms'])} | {_fmt(r['ratio_vs_bound'])} | {_fmt(r['flops_bound_ms'])} | "
+                    f"{_fmt(r['gflop_per_step'], 3)} | {r['kernel_calls']} | {_fmt(r['ratio_vs_scd'])} |"
+                )
         elif suite == "train":
             lines += [
                 "| policy | batch | ms/step p50 | p90 | samples/s | chunks/sample | ratio_vs_scd "

@@ -18,6 +18,8 @@ stays at exactly h past steps (plus the current one) while the measured ticks go
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -29,6 +31,7 @@ import torch
 
 from scd_policy.backends import attach_backend
 from scd_policy.bench.config import ALL_SUITES, BenchConfig
+from scd_policy.bench.limit import peak_gflops, step_bound
 from scd_policy.bench.measure import interleaved, peak_memory_mb, summary, synchronize
 from scd_policy.bench.serve_suite import serve_suite
 from scd_policy.bench.setup import (
@@ -217,6 +220,55 @@ class Bench:
                     row["per_denoise_step_ms"] = (row["p50_ms"] - one["p50_ms"]) / (cfg.context_k - 1)
         return rows
 
+    def limit(self) -> list[Row]:
+        """Per policy, backend and K: the replanning step's latency at batch 1 (interleaved) next to
+        its bounds on this machine (``bench.limit``), computed from the torch path's kernels (the same
+        arithmetic whatever the backend)."""
+        cfg = self.cfg
+        history = cfg.histories[0]
+        gflops = peak_gflops()
+        log.info("limit (%s): best matmul rate %.1f GFLOP/s on %d thread(s)", cfg.size, gflops, cfg.threads)
+        runtimes = {runner: self._primed(runner, history, 1, "replan_every_step") for runner in self.runners}
+        kernel_times: dict[str, float] = {}
+        bounds = {}
+        for (name, backend), runtime in runtimes.items():
+            if backend == "torch":
+                observation = self._observation(1)
+                for k in cfg.ks:
+                    runtime.num_inference_steps = k
+                    step = functools.partial(runtime.step, observation)
+                    bounds[(name, k)] = step_bound(step, gflops, kernel_times)
+        actions = {
+            (runner, k): self._ticker(runtime, k, 1, "replan_every_step", [])
+            for runner, runtime in runtimes.items()
+            for k in cfg.ks
+        }
+        log.info("limit (%s): %d settings x %d rounds", cfg.size, len(actions), cfg.rounds)
+        rows: list[Row] = []
+        for ((name, backend), k), measured in interleaved(actions, cfg.rounds, cfg.warmup).items():
+            stats, bound = summary(measured), bounds[(name, k)]
+            rows.append(
+                {
+                    "suite": "limit",
+                    "policy": name,
+                    "backend": backend,
+                    "mode": "replan_every_step",
+                    "K": k,
+                    "history": history,
+                    "batch": 1,
+                    **stats,
+                    "gflop_per_step": bound.gflop,
+                    "kernel_calls": bound.kernel_calls,
+                    "bound_ms": bound.kernel_bound_ms,
+                    "flops_bound_ms": bound.flops_bound_ms,
+                    "peak_gflops": gflops,
+                    "ratio_vs_bound": stats["p50_ms"] / bound.kernel_bound_ms,
+                    "params": self.params[name],
+                    **self.common,
+                }
+            )
+        return rows
+
     def serve(self) -> list[Row]:
         if "scd" not in self.policies:
             raise ConfigError("suite=serve measures scd: include it in policies")
@@ -295,11 +347,11 @@ def add_ratios(rows: list[Row]) -> None:
     def setting(row: Row) -> tuple[Any, ...]:
         # A training "history" is the policy's own window (W steps vs n_obs_steps): not part of the setting.
         keys = (
-            ("suite", "mode", "batch")
+            ("suite", "mode", "batch", "size")
             if row["suite"] == "train"
-            else ("suite", "mode", "K", "history", "batch")
+            else ("suite", "mode", "K", "history", "batch", "size")
         )
-        return tuple(row[k] for k in keys)
+        return tuple(row.get(k) for k in keys)
 
     scd = {
         setting(r): r["p50_ms"] for r in rows if r["policy"] == "scd" and r.get("backend", "torch") == "torch"
@@ -324,7 +376,14 @@ def run_suites(
         rows: list[Row] = []
         results: dict[str, Any] = {"environment": environment(cfg), "params": bench.params, "rows": rows}
         for suite in suites:
-            rows.extend(getattr(bench, suite)())
+            if suite == "limit":  # one bench per preset
+                for size in cfg.limit_sizes or [cfg.size]:
+                    sized = (
+                        bench if size == cfg.size else Bench(dataclasses.replace(cfg, size=size, policy={}))
+                    )
+                    rows.extend(sized.limit())
+            else:
+                rows.extend(getattr(bench, suite)())
             add_ratios(rows)
             if after_suite is not None:
                 after_suite(results)
