@@ -44,7 +44,7 @@ if [ ! -x "$venv/bin/python" ]; then
     "$PYTHON_BIN" -m venv "$venv"
 fi
 
-inputs=(requirements/lerobot-lock.txt requirements/patch_torchvision.py pyproject.toml
+inputs=(requirements/lerobot-lock.txt requirements/patch_torchvision.py pyproject.toml constraints.txt
         lerobot_policy_scd/pyproject.toml scripts/setup_lerobot.sh)
 stamp="$venv/.scd-installed"
 want="$(cat "${inputs[@]}" | sha256sum | cut -d' ' -f1)"
@@ -65,6 +65,9 @@ pip_quiet install --upgrade pip
 pip_quiet install --no-deps -r requirements/lerobot-lock.txt
 # hatchling comes from the lock, so the editable builds need no isolated build environment.
 pip_quiet install --no-deps --no-build-isolation -e . -e ./lerobot_policy_scd
+# scd-policy's onnx extra (backend=onnx, and the LeRobot latency comparison runs SCD on it too), at the
+# main set-up's pins; it only adds its own packages to the locked set.
+pip_quiet install -c constraints.txt onnx onnxscript onnx-ir onnxruntime
 "$venv/bin/python" requirements/patch_torchvision.py
 
 # Every requirement must hold except the three pins of lerobot the lock overrides on purpose.
@@ -78,7 +81,7 @@ if [ -n "$problems" ]; then
 fi
 HF_HUB_OFFLINE=1 "$venv/bin/python" -c '
 import torch, torchvision.transforms.v2, torchcodec.decoders
-import lerobot.datasets.lerobot_dataset, lerobot_policy_scd, scd_policy, envs
+import lerobot.datasets.lerobot_dataset, lerobot_policy_scd, scd_policy, envs, onnxruntime
 ' || { log "ERROR: the install did not complete (see the output above)"; exit 1; }
 echo "$want" > "$stamp"
 log "done in $((SECONDS - start)) s"

@@ -84,8 +84,8 @@ def context_window_for(history: int) -> int:
     return history + 1
 
 
-def parameter_count(policy: Policy) -> int:
-    return sum(p.numel() for p in policy.parameters())
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def random_observation(
