@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from scd_policy.backends.step_graphs import DecoderStepGraph, EncoderStepGraph
-from scd_policy.models.kv_cache import KVCache, StepCache, StepPlan
+from scd_policy.models.kv_cache import StepCache, StepPlan
 from scd_policy.models.layers import SharedModulations
 
 if TYPE_CHECKING:
@@ -69,11 +69,7 @@ class StepEngine(ABC):
         b, t, s, _ = tokens.shape
         per_step = s + self.n_context_tokens
         plan = cache.begin(t, per_step, b, self.head_dim, tokens.device)
-        # A KVCache's buffers go in whole (no copy of the window per step, which at long histories
-        # cost more than the graph); a StackedCache hands out its rows' pasts padded to one length.
-        buffers = cache.buffers() if isinstance(cache, KVCache) else None
-        past = None if buffers is not None else cache.past()
-        inputs = encoder_inputs(tokens, plan, past, self.n_layers, self.n_heads, self.head_dim, buffers)
+        inputs = encoder_inputs(tokens, plan, cache.past(), self.n_layers, self.n_heads, self.head_dim)
         context, *new = self.run_encoder(inputs)
         for layer in range(self.n_layers):
             cache.extend(layer, new[2 * layer], new[2 * layer + 1])
@@ -88,32 +84,21 @@ def encoder_inputs(
     n_layers: int,
     n_heads: int,
     head_dim: int,
-    buffers: tuple[list[Tensor], list[Tensor], int, int] | None = None,
 ) -> list[Tensor]:
-    """The ``EncoderStepGraph`` inputs of one call, from the cache's plan and its kept keys/values
-    (``past``), or its whole buffers with the kept slice (``KVCache.buffers``); every tensor contiguous
-    and of the batch size B (what an exported graph takes)."""
+    """The ``EncoderStepGraph`` inputs of one call, from the cache's plan and kept keys/values; every
+    tensor contiguous and of the batch size B (what an exported graph takes)."""
     b = tokens.shape[0]
     n = plan.rope[0].shape[-2]  # new tokens
     cos, sin = (
         table.reshape(-1, 1, n, head_dim).expand(b, 1, n, head_dim).contiguous() for table in plan.rope
     )
-    if buffers is not None:
-        start, end = buffers[2], buffers[3]
-        m = end - start
-    else:
-        m = 0 if past is None else past[0][0].shape[2]  # kept tokens
+    m = 0 if past is None else past[0][0].shape[2]  # kept tokens
     if plan.mask is None:
         mask = torch.ones(b, 1, n, m + n, dtype=torch.bool, device=tokens.device)
     else:
         mask = plan.mask.expand(b, 1, n, m + n)
     new_mask = mask[..., m:].contiguous()
-    if buffers is not None:
-        keys, values, start, end = buffers
-        past_mask = torch.zeros(b, 1, n, keys[0].shape[2], dtype=torch.bool, device=tokens.device)
-        past_mask[..., start:end] = mask[..., :m]
-        flat = [tensor.contiguous() for pair in zip(keys, values, strict=True) for tensor in pair]
-    elif past is None:
+    if past is None:
         # An exported graph keeps every size >= 1: one zero token, hidden from every query.
         past_mask = torch.zeros(b, 1, n, 1, dtype=torch.bool, device=tokens.device)
         empty = tokens.new_zeros(b, n_heads, 1, head_dim)

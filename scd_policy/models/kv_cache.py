@@ -203,14 +203,6 @@ class KVCache:
             return None
         return list(zip(self.keys, self.values, strict=True))
 
-    def buffers(self) -> tuple[list[Tensor], list[Tensor], int, int] | None:
-        """After ``begin``: the per-layer key / value buffers (B, heads, capacity, head_dim) whole, and the
-        slice [start, end) of them that is kept (the rest is zeros or stale, for the caller to mask);
-        None when nothing is kept. Lets an exported graph read the cache without a copy of it."""
-        if self._start == self._end:
-            return None
-        return list(self._k), list(self._v), self._start, self._end
-
     def extend(self, layer: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Write one layer's new keys (rotated) and values (B, heads, N_new, head_dim) after the kept
         tokens; return the keys/values to attend over, kept + new (B, heads, M + N_new, head_dim).
@@ -259,9 +251,7 @@ class KVCache:
         def moved(buffers: list[Tensor]) -> list[Tensor]:
             out = []
             for old in buffers:
-                # Zeros, not garbage: a reader of the whole buffer (backends.engine) masks the unused
-                # part, and masked NaN garbage would still poison attention's weighted sum.
-                new = like.new_zeros(b, h, capacity, d)
+                new = like.new_empty(b, h, capacity, d)
                 new[:, :, :kept] = old[:, :, self._start : self._end]
                 out.append(new)
             return out
