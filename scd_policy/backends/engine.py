@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 class StepEngine(ABC):
     """Runs SCD's encoder step and decoder call (see the module docstring); one per policy."""
-
-    name: ClassVar[str]
 
     def __init__(self, policy: SeparableCausalDiffusionPolicy) -> None:
         encoder = policy.encoder
@@ -113,8 +111,6 @@ class TorchGraphEngine(StepEngine):
     """The step graphs in torch: eager (``compile=False``, the reference the exported graphs are tested
     against) or through ``torch.compile`` with dynamic shapes (the ``compile`` backend; the first calls
     of each new shape pay for compilation)."""
-
-    name = "compile"
 
     def __init__(self, policy: SeparableCausalDiffusionPolicy, *, compile: bool = True) -> None:
         super().__init__(policy)

@@ -2,7 +2,7 @@
 
 ``export_onnx(policy, folder)`` writes ``encoder_step.onnx`` and ``decoder.onnx`` (the graphs of
 ``backends.step_graphs``, dynamic in streams, new steps and cached length) and ``manifest.json``, which
-records the weights they were exported from. ``OnnxEngine.from_folder`` loads them, refusing files
+records the weights they were exported from. ``OnnxEngine(policy, folder)`` loads them, refusing files
 exported from other weights; ``onnx_engine(policy, checkpoint)`` reuses ``<checkpoint>/onnx`` when it
 matches the weights and exports it otherwise (once; ~10 s for ``base``).
 
@@ -46,7 +46,7 @@ from scd_policy.backends.step_graphs import (
     encoder_output_names,
 )
 from scd_policy.config import ConfigError
-from scd_policy.io import atomic_write_text
+from scd_policy.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from scd_policy.policies.scd import SeparableCausalDiffusionPolicy
@@ -212,21 +212,13 @@ def _export(
         quiet.setLevel(level)
     if program is None:  # only the legacy exporter returns None
         raise BackendError("torch.onnx.export returned no program")
-    # Written next to the target and renamed: a reader never sees half a model.
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        program.save(str(temporary))
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    # One self-contained file (these graphs are far below protobuf's 2 GB), written atomically.
+    atomic_write_bytes(path, program.model_proto.SerializeToString())
 
 
 class OnnxEngine(StepEngine):
     """The exported graphs run by ONNX Runtime's CPU provider (``threads`` intra-op threads: default
     torch's current thread count, so ``num_threads`` of a runtime applies to both)."""
-
-    name = "onnx"
 
     def __init__(
         self, policy: SeparableCausalDiffusionPolicy, folder: str | Path, *, threads: int | None = None
@@ -240,7 +232,6 @@ class OnnxEngine(StepEngine):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.folder = folder
         self._encoder = ort.InferenceSession(str(folder / ENCODER_FILE), options, providers=providers)
         self._decoder = ort.InferenceSession(str(folder / DECODER_FILE), options, providers=providers)
         self._encoder_names = encoder_input_names(self.n_layers)
@@ -301,8 +292,7 @@ def onnx_engine(
     require("onnxruntime")
     if checkpoint is not None:
         folder = Path(checkpoint) / EXPORT_FOLDER
-        try:
-            check_manifest(folder, policy)
+        try:  # the engine checks the folder's manifest against the weights itself
             return OnnxEngine(policy, folder, threads=threads)
         except BackendError as reason:
             log.info("exporting the policy to %s (%s)", folder, reason)

@@ -57,6 +57,21 @@ def _features(state_dim: int, action_dim: int) -> tuple[dict[str, Any], dict[str
     return inputs, outputs
 
 
+def _closest(
+    build: Callable[[dict[str, Any]], torch.nn.Module], candidates: list[dict[str, Any]], target: int
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The policy ``build(settings)`` of the candidate settings whose parameter count is closest to
+    ``target``, with those settings."""
+    best: tuple[int, torch.nn.Module, dict[str, Any]] | None = None
+    for settings in candidates:
+        policy = build(settings).eval()
+        gap = abs(parameter_count(policy) - target)
+        if best is None or gap < best[0]:
+            best = (gap, policy, settings)
+    assert best is not None
+    return best[1], best[2]
+
+
 def lerobot_diffusion(
     state_dim: int, action_dim: int, k: int, target: int
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -65,23 +80,17 @@ def lerobot_diffusion(
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 
     inputs, outputs = _features(state_dim, action_dim)
-    best: tuple[int, torch.nn.Module, dict[str, Any]] | None = None
-    for dims in DOWN_DIMS:
-        settings = {
-            "down_dims": dims,
-            "horizon": HORIZON,
-            "n_obs_steps": 2,
-            "n_action_steps": N_ACTION_STEPS,
-            "noise_scheduler_type": "DDIM",
-            "num_inference_steps": k,
-        }
-        config = DiffusionConfig(input_features=inputs, output_features=outputs, **settings)
-        policy = DiffusionPolicy(config).eval()
-        gap = abs(parameter_count(policy) - target)
-        if best is None or gap < best[0]:
-            best = (gap, policy, {**settings, "down_dims": list(dims)})
-    assert best is not None
-    return best[1], best[2]
+
+    def build(settings: dict[str, Any]) -> torch.nn.Module:
+        fields = {**settings, "down_dims": tuple(settings["down_dims"])}
+        policy: torch.nn.Module = DiffusionPolicy(
+            DiffusionConfig(input_features=inputs, output_features=outputs, **fields)
+        )
+        return policy
+
+    fixed = {"horizon": HORIZON, "n_obs_steps": 2, "n_action_steps": N_ACTION_STEPS}
+    sampler = {"noise_scheduler_type": "DDIM", "num_inference_steps": k}
+    return _closest(build, [{"down_dims": list(dims), **fixed, **sampler} for dims in DOWN_DIMS], target)
 
 
 def lerobot_act(
@@ -92,22 +101,17 @@ def lerobot_act(
     from lerobot.policies.act.modeling_act import ACTPolicy
 
     inputs, outputs = _features(state_dim, action_dim)
-    best: tuple[int, torch.nn.Module, dict[str, Any]] | None = None
-    for feedforward in ACT_FEEDFORWARD:
-        settings = {
-            "dim_model": d_model,
-            "dim_feedforward": feedforward,
-            "chunk_size": HORIZON,
-            "n_action_steps": N_ACTION_STEPS,
-            "use_vae": False,
-        }
-        config = ACTConfig(input_features=inputs, output_features=outputs, **settings)
-        policy = ACTPolicy(config).eval()
-        gap = abs(parameter_count(policy) - target)
-        if best is None or gap < best[0]:
-            best = (gap, policy, settings)
-    assert best is not None
-    return best[1], best[2]
+
+    def build(settings: dict[str, Any]) -> torch.nn.Module:
+        policy: torch.nn.Module = ACTPolicy(
+            ACTConfig(input_features=inputs, output_features=outputs, **settings)
+        )
+        return policy
+
+    fixed = {"chunk_size": HORIZON, "n_action_steps": N_ACTION_STEPS, "use_vae": False}
+    return _closest(
+        build, [{"dim_model": d_model, "dim_feedforward": ff, **fixed} for ff in ACT_FEEDFORWARD], target
+    )
 
 
 def _lerobot_replan(policy: Any, obs: dict[str, torch.Tensor]) -> Callable[[], float | None]:

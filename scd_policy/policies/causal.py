@@ -74,9 +74,11 @@ class CausalStreamState(StreamState, Generic[ContextT]):
         self._encode: Callable[[Tensor, KVCache], ContextT] = encode
 
     def encode_pending(self) -> None:
-        """Encode the buffered steps, in one call (exactly what one call per step would have cached)."""
+        """Encode the buffered steps in one call (what one call per step would have cached, to float32
+        rounding)."""
         if self.pending:
-            tokens = torch.cat(self.pending, dim=1)  # (B, T, S, D)
+            # (B, T, S, D); a single step (every tick that is not deferred) goes in as it is, uncopied.
+            tokens = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending, dim=1)
             self.pending = []
             self.context = self._encode(tokens, self.cache)
 
