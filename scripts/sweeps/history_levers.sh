@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue H.3: SCD's history window (2 / 8 / 32 steps) x each training lever against copycat, on a fully
+# observed task (mw_push, where long windows cost success) and the memory task (memory_cue, which needs
+# 32 steps). Every cell is one resumable `scd-quality` run in its own folder, all on the same
+# demonstrations (collected once into <root>/data), scored on the usual protocol (50 episodes x
+# evaluation seeds [0, 1, 2]). Two workers take cells from one queue; re-run the same command to
+# continue an interrupted sweep (evaluated cells are read back, trainings resume). Then:
+#   .venv/bin/python scripts/analysis/lever_table.py <root> --out docs/results/h/levers
+#
+# usage: scripts/sweeps/history_levers.sh <root> [train_seed=0] [workers=2]
+set -euo pipefail
+root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers]}")
+seed=${2:-0}
+workers=${3:-2}
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+py="$repo/.venv/bin/python"
+export OMP_NUM_THREADS=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
+mkdir -p "$root/data"
+
+# The levers, each on top of the library's defaults (prev_action_dropout 0.5, context_noise 0.05).
+declare -A LEVER=(
+  [defaults]=""
+  [no_dropout]="policy.prev_action_dropout=0.0"
+  [history_noise]="policy.history_noise=0.3"
+  [context_noise]="policy.context_noise=0.3"
+  [past_actions]="policy.past_actions=4"
+)
+# Each task's budget: the CPU table's (mw_push) and the main job's (memory_cue).
+declare -A BUDGET=(
+  [mw_push]="steps=4500"
+  [memory_cue]="steps=1500"
+)
+
+# One line per cell, the long windows first: they decide the default.
+queue="$root/queue.txt"
+: >"$queue"
+for window in 32 8 2; do
+  for task in memory_cue mw_push; do
+    for lever in defaults no_dropout history_noise context_noise past_actions; do
+      echo "$task $window $lever" >>"$queue"
+    done
+  done
+done
+
+for task in "${!BUDGET[@]}"; do  # the demonstrations, once, before any worker reads them
+  "$py" -c "from scd_policy.collection import CollectConfig, collect_up_to
+collect_up_to(CollectConfig(task='$task', out='$root/data/$task.zarr', image=False, workers=2), 100)"
+done
+
+run_cell() {  # <task> <window> <lever>
+  local task=$1 window=$2 lever=$3 out="$root/$1_w$2_$3"
+  local extra=("policy.train_window=$window")
+  # With 32-step windows a training step denoises a random 8 of the window's chunks (the main job's
+  # recipe); shorter windows denoise every step's chunk.
+  ((window > 8)) && extra+=("policy.decoder_steps=8")
+  [[ -n ${LEVER[$lever]} ]] && extra+=("${LEVER[$lever]}")
+  mkdir -p "$out"
+  ln -sfn "$root/data" "$out/data"
+  local list
+  list=$(printf '"%s",' "${extra[@]}")
+  nice -n 10 "$repo/.venv/bin/scd-quality" out="$out" tasks="[$task]" image_tasks=[] policies=[scd] \
+    demos=100 size=tiny ${BUDGET[$task]} batch_size=32 threads=1 train_seeds="[$seed]" episodes=50 \
+    seeds=[0,1,2] n_envs=1 workers=1 overrides="[\"train.warmup_steps=100\",${list%,}]" \
+    >"$out/log.txt" 2>&1 || echo "FAILED: $task w$window $lever (see $out/log.txt)"
+}
+
+worker() {
+  local line
+  while true; do
+    line=$(flock "$queue.lock" bash -c 'head -n1 "$0" && sed -i 1d "$0"' "$queue")
+    [[ -z $line ]] && return
+    echo "$(date +%T) worker $1: $line"
+    run_cell $line
+  done
+}
+
+for ((w = 0; w < workers; w++)); do worker "$w" & done
+wait
+echo "$(date +%T) sweep finished: $root"
