@@ -400,6 +400,9 @@ def table_row(
         "n_action_steps": cfg.n_action_steps,  # None: each policy's own
         "num_inference_steps": runs[0].get("num_inference_steps"),  # K
         "decoder": "shortcut" if shortcut else "flow",
+        # What this cell's runs changed on top of the composition (levers, windows): rows that differ
+        # here are different variants, never pooled together.
+        "overrides": [*cfg.task_overrides.get(cell.task, []), *cfg.overrides],
     }
     if shortcut:
         row["distill_steps"] = cfg.distill_steps
@@ -415,6 +418,83 @@ def table_row(
             m: float(np.mean([r["success_modes"].get(m, 0.0) for r in runs])) for m in modes
         }
     return row
+
+
+# What makes two table rows the same experiment: rows that agree on all of these differ only in their
+# training seeds and may be pooled (``pool_rows``).
+POOL_KEYS = (
+    "task",
+    "obs",
+    "policy",
+    "demos",
+    "steps",
+    "batch_size",
+    "size",
+    "n_action_steps",
+    "num_inference_steps",
+    "decoder",
+    "overrides",
+)
+
+
+def pool_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of one experiment trained with different seeds (a sweep split over machines or sessions by
+    ``train_seeds``) merged into one row each, as ``table_row`` would have written it for all the seeds
+    at once: success pooled over every (training seed, evaluation seed) pair, the other means weighted
+    by training seeds. First-seen order; rows of different experiments (``POOL_KEYS``) stay apart."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        key = json.dumps([row.get(name) for name in POOL_KEYS], sort_keys=True)
+        groups.setdefault(key, []).append(row)
+    return [_pool(group) for group in groups.values()]
+
+
+def _pool(group: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(group) == 1:
+        return group[0]
+    seeds = [seed for row in group for seed in row["train_seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            f"{group[0]['task']} / {group[0]['policy']}: the rows to pool repeat training seeds {seeds}; "
+            "each training seed may appear in one row only"
+        )
+    weights = np.array([len(row["train_seeds"]) for row in group], dtype=np.float64)
+
+    def mean(name: str) -> float:
+        return float(np.average([row[name] for row in group], weights=weights))
+
+    per_seed = [rates for row in group for rates in row["per_seed_success"]]
+    pooled = np.array([rate for rates in per_seed for rate in rates])
+    out = dict(group[0])
+    out.update(
+        success_rate=float(pooled.mean()),
+        success_rate_std=float(pooled.std()),
+        success_mean=float(pooled.mean()),
+        success_std=float(pooled.std()),
+        per_seed_success=per_seed,
+        train_seeds=seeds,
+        checkpoints=[path for row in group for path in row["checkpoints"]],
+        mean_return=mean("mean_return"),
+    )
+    for name in group[0]:
+        if name.startswith(("max_", "final_", "best_")) and all(name in row for row in group):
+            out[name] = mean(name)
+    # Training time: the mean over the runs that recorded it (None only where none did).
+    known = [
+        (row["train_minutes"], w)
+        for row, w in zip(group, weights, strict=True)
+        if row.get("train_minutes") is not None
+    ]
+    out["train_minutes"] = (
+        float(np.average([m for m, _ in known], weights=[w for _, w in known])) if known else None
+    )
+    if all("success_modes" in row for row in group):
+        modes = sorted({mode for row in group for mode in row["success_modes"]})
+        out["success_modes"] = {
+            m: float(np.average([row["success_modes"].get(m, 0.0) for row in group], weights=weights))
+            for m in modes
+        }
+    return out
 
 
 def _percent(row: dict[str, Any]) -> str:
@@ -458,6 +538,7 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
         if "scd" in found and baselines:
             margin = f"{100 * (found['scd']['success_rate'] - max(baselines)):+.1f}"
         lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + f" | {margin} |")
+    lines += _category_means(main, cfg, policies)
     few = [r for r in rows if is_few_step(r)]
     if few:
         # The K the scd runs were scored at (their config's num_inference_steps), as the first column.
@@ -483,6 +564,55 @@ def markdown(rows: list[dict[str, Any]], cfg: QualityConfig, command: str) -> st
             entries += [_percent(by_k[k]) if k in by_k else "—" for k in cfg.few_step]
             lines.append(f"| {cell.task} | {cell.observation} | " + " | ".join(entries) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Published per-category means of Meta-World with 10 demonstrations: Diffusion Policy as reported in
+# the DP3 paper (Ze et al. 2024) — images, the mean of the top-5 evaluations, other seeds.
+DP3_PAPER_DIFFUSION_POLICY = {"easy": 83.6, "medium": 31.1, "hard": 9.0, "very_hard": 26.6}
+
+
+def task_category(task: str, task_module: str | None = None) -> str | None:
+    """A Meta-World task's difficulty category (its ``metaworld_<category>`` tag), else None."""
+    tags = task_spec(task, task_module).tags
+    return next((tag.removeprefix("metaworld_") for tag in tags if tag.startswith("metaworld_")), None)
+
+
+def _category_means(rows: list[dict[str, Any]], cfg: QualityConfig, policies: list[str]) -> list[str]:
+    """Per-category means of the state-based Meta-World cells, next to the published anchor."""
+    by_category: dict[str, list[str]] = {}
+    for task in cfg.tasks:
+        level = task_category(task, cfg.task_module)
+        if level is not None:
+            by_category.setdefault(level, []).append(task)
+    if not by_category:
+        return []
+    lines = [
+        "",
+        "Meta-World by category (mean over its tasks; state observations): next to Diffusion Policy's "
+        "published means with 10 demonstrations (DP3 paper) — a different protocol: images, the mean of "
+        "its top-5 evaluations.",
+        "",
+        "| category | tasks | " + " | ".join(policies) + " | Diffusion Policy, DP3 paper |",
+        "|---|---|" + "---|" * len(policies) + "---|",
+    ]
+    for level in ("easy", "medium", "hard", "very_hard"):
+        tasks = by_category.get(level)
+        if not tasks:
+            continue
+        entries = []
+        for policy in policies:
+            found = [
+                r["success_rate"]
+                for r in rows
+                if r["policy"] == policy and r["task"] in tasks and r["observation"] == "state"
+            ]
+            entries.append(f"{100 * np.mean(found):.1f}%" if len(found) == len(tasks) else "—")
+        lines.append(
+            f"| {level.replace('_', ' ')} | {', '.join(tasks)} | "
+            + " | ".join(entries)
+            + f" | {DP3_PAPER_DIFFUSION_POLICY[level]:.1f}% |"
+        )
+    return lines
 
 
 def plot(rows: list[dict[str, Any]], cfg: QualityConfig, path: Path) -> Path:

@@ -10,7 +10,8 @@ import mujoco
 import numpy as np
 import pytest
 
-from envs.metaworld_tasks import CAMERAS, MEASURED_EXPERT_SUCCESS, MetaWorldEnv
+import envs.metaworld_tasks
+from envs.metaworld_tasks import CAMERAS, MEASURED_EXPERT_SUCCESS, MetaWorldEnv, category
 from envs.registry import get_task, make_env, make_expert, task_names
 
 KEPT = {
@@ -20,6 +21,13 @@ KEPT = {
     "mw_door_open": "door-open-v3",
     "mw_button_press_topdown": "button-press-topdown-v3",
     "mw_peg_insert_side": "peg-insert-side-v3",
+    "mw_hammer": "hammer-v3",
+    "mw_bin_picking": "bin-picking-v3",
+    "mw_assembly": "assembly-v3",
+    "mw_pick_out_of_hole": "pick-out-of-hole-v3",
+    "mw_shelf_place": "shelf-place-v3",
+    "mw_disassemble": "disassemble-v3",
+    "mw_stick_pull": "stick-pull-v3",
 }
 
 
@@ -38,10 +46,31 @@ def test_registered_tasks_and_specs() -> None:
         assert (spec.state_dim, spec.action_dim, spec.max_episode_steps) == (39, 4, 500)
         assert spec.fps == 80.0  # 5 physics steps of 2.5 ms per control step
         assert spec.cameras[0] == "corner" and set(spec.cameras) == set(CAMERAS)
-        assert spec.tags == ("metaworld",)
+        assert spec.tags == ("metaworld", f"metaworld_{category(env_name)}")
     # Only tasks whose expert was measured at >= 90% success are registered.
     assert set(MEASURED_EXPERT_SUCCESS) == set(KEPT)
     assert min(MEASURED_EXPERT_SUCCESS.values()) >= 0.9
+    # At least two of each harder category of Meta-World's split (issue H.4).
+    for level in ("medium", "hard", "very_hard"):
+        assert len(task_names(f"metaworld_{level}")) >= 2, level
+    assert set(task_names("metaworld_very_hard")) == {"mw_shelf_place", "mw_disassemble", "mw_stick_pull"}
+
+
+@pytest.mark.parametrize("task", ["mw_hammer", "mw_assembly", "mw_disassemble"])
+def test_new_tasks_experts_solve_a_seeded_episode(task: str) -> None:
+    # One scene of a medium, a hard and a very hard task, through the registry's entry points.
+    env = make_env(task)
+    try:
+        expert = make_expert(task, 0)
+        obs, info = env.reset(seed=0)
+        terminated = truncated = False
+        while not (terminated or truncated):
+            obs, _, terminated, truncated, info = env.step(expert(obs, info))
+        assert terminated and info["success"] is True
+    finally:
+        env.close()
+    with pytest.raises(AttributeError, match="make_juggle_expert"):
+        _ = envs.metaworld_tasks.make_juggle_expert
 
 
 def test_importing_the_module_does_not_import_metaworld() -> None:

@@ -15,7 +15,16 @@ from omegaconf import OmegaConf
 import scd_policy.training.experiment
 from scd_policy.config import ConfigError
 from scd_policy.policies import load_policy
-from scd_policy.quality import Cell, QualityConfig, run_dir_of, run_quality, train_config
+from scd_policy.quality import (
+    Cell,
+    QualityConfig,
+    markdown,
+    pool_rows,
+    run_dir_of,
+    run_quality,
+    table_row,
+    train_config,
+)
 
 TINY = [
     "policy.train_window=4",
@@ -265,3 +274,75 @@ def test_command_line_sweep(tmp_path: Path) -> None:
     rows = json.loads((out / "quality.json").read_text())["rows"]
     assert [(r["task"], r["policy"]) for r in rows] == [("memory_cue", "scd")]
     assert json.loads((out / "runs/memory_cue/scd/seed0/checkpoints/latest.json").read_text())["step"] == 4
+
+
+def _evaluated(rates: list[float], coverage: float, modes: dict[str, float]) -> dict[str, object]:
+    """One run's scd-eval results, as run_evaluation writes them (the fields table_row reads)."""
+    return {
+        "per_seed": [{"seed": s, "success_rate": r} for s, r in enumerate(rates)],
+        "episodes_per_seed": 50,
+        "seeds": list(range(len(rates))),
+        "mean_return": sum(rates),
+        "checkpoint": f"run{coverage}",
+        "num_inference_steps": 10,
+        "max_coverage": coverage,
+        "success_modes": modes,
+    }
+
+
+def test_pooled_rows_equal_one_sweep_over_all_training_seeds(tmp_path: Path) -> None:
+    # A sweep split by training seed (two sessions) pools to the row one sweep would have written.
+    runs = [
+        _evaluated([0.6, 0.7, 0.8], 0.85, {"-1": 0.4, "1": 0.6}),
+        _evaluated([0.9, 1.0, 0.5], 0.95, {"-1": 0.5, "1": 0.5}),
+        _evaluated([0.2, 0.3, 0.4], 0.55, {"-1": 1.0}),
+    ]
+    cfg = QualityConfig(
+        out=str(tmp_path), tasks=["push_t"], image_tasks=[], policies=["scd"], train_seeds=[0]
+    )
+    cell = Cell("push_t", image=False)
+    split = [
+        table_row(cfg, cell, "scd", runs[:1]),
+        table_row(replace(cfg, train_seeds=[1, 2]), cell, "scd", runs[1:]),
+    ]
+    whole = table_row(replace(cfg, train_seeds=[0, 1, 2]), cell, "scd", runs)
+    other = table_row(replace(cfg, overrides=["policy.history_noise=0.3"]), cell, "scd", runs[:1])
+
+    pooled = pool_rows([split[0], other, split[1]])
+
+    assert len(pooled) == 2 and pooled[1] == other  # another variant is never pooled in
+    assert pooled[0].keys() == whole.keys()
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert pooled[0][key] == pytest.approx(value), key
+        elif key == "success_modes":
+            assert pooled[0][key] == pytest.approx(value)
+        else:
+            assert pooled[0][key] == value, key
+    with pytest.raises(ConfigError, match=r"repeat training seeds \[0, 0\]"):
+        pool_rows([split[0], split[0]])
+
+
+def test_metaworld_cells_get_category_means_next_to_the_published_anchor(tmp_path: Path) -> None:
+    cfg = QualityConfig(
+        out=str(tmp_path),
+        tasks=["mw_hammer", "mw_bin_picking", "mw_shelf_place", "push_t"],
+        image_tasks=[],
+        policies=["scd", "diffusion_policy"],
+    )
+    rates = {
+        ("mw_hammer", "scd"): 0.5,
+        ("mw_bin_picking", "scd"): 1.0,
+        ("mw_hammer", "diffusion_policy"): 0.25,
+    }
+    rows = [
+        table_row(cfg, Cell(task, image=False), policy, [_evaluated([rate], 0.0, {})])
+        for (task, policy), rate in rates.items()
+    ]
+
+    table = markdown(rows, cfg, "scd-quality mw")
+
+    # Medium: both of scd's tasks are in (mean 75%), one of diffusion_policy's is missing (no mean).
+    assert "| medium | mw_hammer, mw_bin_picking | 75.0% | — | 31.1% |" in table
+    assert "| very hard | mw_shelf_place | — | — | 26.6% |" in table
+    assert "| hard |" not in table and "push_t |" not in table.split("Meta-World by category")[1]
