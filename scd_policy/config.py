@@ -152,6 +152,11 @@ class PolicyConfig:
     # back (``chunk_start_offset = -P``), so the decoder must read the past from the context rather than
     # copy it; at run time those P are dropped, as diffusion_policy's past actions are.
     past_actions: int = 0
+    # SCD, training only: random history lengths. Each step of a training window, with this
+    # probability, attends only to a uniformly drawn number of the steps before it (0 .. all; the
+    # encoder's attention mask, at every layer), so the policy must act from any amount of history,
+    # not lean on a long one. The run-time window is unchanged.
+    random_history: float = 0.0
     decoder_lr_scale: float = 2.0  # decoder lr = scale * encoder lr
 
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -202,6 +207,11 @@ class PolicyConfig:
             "(0: every step of the window)",
         )
         _require(self.context_noise >= 0 and self.history_noise >= 0, "noise levels must be >= 0")
+        _require(
+            0.0 <= self.random_history <= 1.0 and (self.random_history == 0 or self.type == "scd"),
+            f"policy.random_history={self.random_history} must be in [0, 1] (and is scd's lever only; "
+            f"this policy is {self.type})",
+        )
         _require(
             0.0 <= self.prev_action_dropout < 1.0,
             f"policy.prev_action_dropout={self.prev_action_dropout} must be in [0, 1)",

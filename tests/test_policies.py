@@ -320,6 +320,43 @@ def test_past_actions_extend_every_chunk_backwards_and_still_learn(
         tiny_config(policy_type, past_actions=6)
 
 
+def test_random_history_cuts_what_each_step_attends_to_in_training_only(buffer: ReplayBuffer) -> None:
+    torch.manual_seed(0)
+    policy = build("scd", buffer, random_history=1.0)
+    randomize_zero_init(policy)
+    batch = batch_of(policy, buffer, [0, 9, 30, 41])
+    # Validation (eval mode) sees every earlier step: no span is drawn.
+    assert policy.eval().training_inputs(batch).history_span is None
+    inputs = policy.train().training_inputs(batch)
+    span = inputs.history_span
+    assert span is not None and span.shape == (4, WINDOW)
+    steps = torch.arange(WINDOW)
+    assert bool((span >= 0).all()) and bool((span <= steps).all())  # 0 .. the steps before each one
+    tokens = inputs.tokens
+    policy.eval()
+    with torch.no_grad():
+        full = policy.encoder(tokens)
+        # A full span is the plain causal pass; a zero span encodes each step on its own.
+        torch.testing.assert_close(policy.encoder(tokens, history_span=steps.expand(4, WINDOW)), full)
+        alone = policy.encoder(tokens, history_span=torch.zeros(4, WINDOW, dtype=torch.long))
+        for i in range(WINDOW):
+            torch.testing.assert_close(alone[:, i], policy.encoder(tokens[:, i : i + 1])[:, 0])
+        # A span of k limits every layer's attention to k steps back: with the 2 encoder layers, step 3
+        # at span 1 reads steps 1-3 (step 2 read step 1 a layer below) and never step 0.
+        one = torch.full((4, WINDOW), 1).minimum(steps)
+        cut = policy.encoder(tokens, history_span=one)
+        moved = tokens.clone()
+        moved[:, 0] += torch.randn_like(moved[:, 0])  # (a constant shift would vanish in LayerNorm)
+        torch.testing.assert_close(policy.encoder(moved, history_span=one)[:, 3], cut[:, 3])
+        moved[:, 1] += torch.randn_like(moved[:, 1])
+        assert (policy.encoder(moved, history_span=one)[:, 3] - cut[:, 3]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="a call with a cache has none"):
+        policy.encoder(tokens, policy.new_cache(None), history_span=span)
+    assert_loss_falls(policy, batch)
+    with pytest.raises(ConfigError, match="scd's lever only; this policy is causal_diffusion"):
+        tiny_config("causal_diffusion", random_history=0.5)
+
+
 @pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
 def test_decoder_steps_denoise_a_subset_in_training_only_and_still_learn(
     policy_type: str, buffer: ReplayBuffer

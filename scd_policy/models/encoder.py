@@ -42,20 +42,41 @@ class CausalEncoder(nn.Module):
     def new_cache(self, max_steps: int | None) -> KVCache:
         return KVCache(len(self.blocks), max_steps)
 
-    def forward(self, tokens: Tensor, cache: StepCache | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: StepCache | None = None, history_span: Tensor | None = None
+    ) -> Tensor:
         """tokens (B, T, S, D) of T new steps -> contexts (B, T, n_context_tokens, D).
 
         With a cache the new steps attend to its (valid, retained) steps and are then appended to it.
+        ``history_span`` (B, T) long, a training window only (no cache): at every layer step i attends
+        to steps i - span[b, i] .. i alone (random history lengths; through L layers step i can still
+        read up to L x span steps back, as a sliding run-time window lets deeper layers do).
         """
         b, t, s, d = tokens.shape
         slots = self.query_slots.expand(b, t, self.n_context_tokens, d)
         x = torch.cat([tokens, slots], dim=2)  # (B, T, S + n_ctx, D)
         per_step = s + self.n_context_tokens
         x = x.reshape(b, t * per_step, d)
+        if history_span is not None and cache is not None:
+            raise ValueError("history_span shapes a teacher-forced window; a call with a cache has none")
         cache = cache if cache is not None else self.new_cache(None)
         plan = cache.begin(t, per_step, b, self.head_dim, x.device)
+        mask = plan.mask if history_span is None else _span_mask(plan.mask, history_span, per_step)
         for index, block in enumerate(self.blocks):
-            x, _, _ = block(x, rope=plan.rope, extend=partial(cache.extend, index), mask=plan.mask)
+            x, _, _ = block(x, rope=plan.rope, extend=partial(cache.extend, index), mask=mask)
         cache.commit(plan)
         out: Tensor = self.norm(x).view(b, t, per_step, d)
         return out[:, :, s:]  # the query slots' outputs
+
+
+def _span_mask(causal: Tensor | None, span: Tensor, per_step: int) -> Tensor:
+    """The block-causal mask of a window (1, 1, N, N) narrowed so that query step i sees key steps
+    i - span[b, i] .. i only -> (B, 1, N, N), N = T * per_step."""
+    t = span.shape[1]
+    step = torch.arange(t, device=span.device)
+    visible = (step[None, None, :] >= (step - span)[:, :, None]) & (
+        step[None, None, :] <= step[None, :, None]
+    )
+    tokens = visible.repeat_interleave(per_step, 1).repeat_interleave(per_step, 2)  # (B, N, N)
+    mask = tokens[:, None]
+    return mask if causal is None else mask & causal

@@ -60,6 +60,9 @@ class TrainingInputs:
     chunks: Tensor  # (B, W', H, Da) normalised target chunks of the denoised steps (W' = W unless subset)
     mask: Tensor  # (B, W', H) bool: chunk element counts in the loss
     steps: Tensor  # (W',) long: the window steps whose chunks are denoised (``config.decoder_steps``)
+    # (B, W) long: how many earlier steps of the window each step may attend to
+    # (``config.random_history``); None: all of them.
+    history_span: Tensor | None = None
 
 
 class CausalStreamState(StreamState, Generic[ContextT]):
@@ -362,4 +365,10 @@ class CausalPolicy(Policy, Generic[ContextT]):
             # training step then grows with the window through the encoder only.
             steps = torch.randperm(w, device=tokens.device)[: self.config.decoder_steps].sort().values
             chunks, mask = chunks[:, steps], mask[:, steps]
-        return TrainingInputs(tokens=tokens, chunks=chunks, mask=mask, steps=steps)
+        span = None
+        if self.training and self.config.random_history > 0:
+            earlier = torch.arange(w, device=tokens.device).expand(b, w)  # steps before each one
+            drawn = (torch.rand(b, w, device=tokens.device) * (earlier + 1)).long()  # uniform in 0..i
+            cut = torch.rand(b, w, device=tokens.device) < self.config.random_history
+            span = torch.where(cut, drawn, earlier)
+        return TrainingInputs(tokens=tokens, chunks=chunks, mask=mask, steps=steps, history_span=span)

@@ -149,7 +149,7 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         inputs = self.training_inputs(batch)
         b, w, h, da = inputs.chunks.shape
         r = self.config.decoder_repeats
-        context: Tensor = self.encoder(inputs.tokens)[
+        context: Tensor = self.encoder(inputs.tokens, history_span=inputs.history_span)[
             :, inputs.steps
         ]  # (B, W', n_ctx, D): the denoised steps
         n_ctx, d = context.shape[-2:]

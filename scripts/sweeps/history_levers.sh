@@ -7,11 +7,14 @@
 # continue an interrupted sweep (evaluated cells are read back, trainings resume). Then:
 #   .venv/bin/python scripts/analysis/lever_table.py <root> --out docs/results/h/levers
 #
-# usage: scripts/sweeps/history_levers.sh <root> [train_seed=0] [workers=2]
+# usage: scripts/sweeps/history_levers.sh <root> [train_seed=0] [workers=2] [levers=all, comma-separated]
 set -euo pipefail
-root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers]}")
+root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers] [levers]}")
 seed=${2:-0}
 workers=${3:-2}
+ALL_LEVERS="defaults no_dropout history_noise context_noise past_actions random_history"
+levers=${4:-$ALL_LEVERS}
+levers=${levers//,/ }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 py="$repo/.venv/bin/python"
 export OMP_NUM_THREADS=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -24,6 +27,7 @@ declare -A LEVER=(
   [history_noise]="policy.history_noise=0.3"
   [context_noise]="policy.context_noise=0.3"
   [past_actions]="policy.past_actions=4"
+  [random_history]="policy.random_history=0.5"
 )
 # Each task's budget: the CPU table's (mw_push) and the main job's (memory_cue).
 declare -A BUDGET=(
@@ -32,11 +36,11 @@ declare -A BUDGET=(
 )
 
 # One line per cell, the long windows first: they decide the default.
-queue="$root/queue.txt"
+queue="$root/queue.$$.txt"  # this invocation's own: two may share a root with different levers
 : >"$queue"
 for window in 32 8 2; do
   for task in memory_cue mw_push; do
-    for lever in defaults no_dropout history_noise context_noise past_actions; do
+    for lever in $levers; do
       echo "$task $window $lever" >>"$queue"
     done
   done
