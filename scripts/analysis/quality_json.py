@@ -5,6 +5,8 @@ single ``scd-quality`` folder holds them all. This pools them the way ``scd-qual
 seeds (``scd_policy.quality.pool_rows``):
 
 - ``scd-quality`` table files (``{"command", "rows"}``) are read as they are;
+- H.3's window x lever cells come from ``docs/results/h/levers.json`` (``lever_table.py``), labelled
+  with ``window`` and ``lever``;
 - runs that were scored with ``scd-eval`` (another ``n_action_steps``, or a run trained before
   ``scd-quality`` existed) are turned into rows by ``scd_policy.quality.table_row`` with the budget
   they were trained with, listed in ``EVALUATED_RUNS`` below.
@@ -30,7 +32,10 @@ TABLE_FILES = [
     "h/quality_push_t_diffusion_policy_seed1.json",
     "h/quality_reach_around_diffusion_policy.json",
     "h/quality_reach_around_diffusion_policy_seed1.json",
+    "h/metaworld10/quality.json",  # H.4: scripts/sweeps/metaworld10.sh
 ]
+# H.3's window x lever cells, pooled and labelled (window, lever) by scripts/analysis/lever_table.py.
+LEVER_TABLE = "h/levers.json"
 
 # Runs scored by scd-eval, each with the budget it was trained with (the commands in docs/RESULTS.md,
 # "Issue H"). reach_around's scd runs were trained before the task declared n_action_steps = 1 and
@@ -88,12 +93,15 @@ def main() -> None:
         rows.append(row_of_evaluated_run(json.loads((RESULTS / name).read_text()), budget))
         sources.append(f"{name}: scd-eval of a run trained with {budget}")
     pooled = pool_rows(rows)
+    levers = json.loads((RESULTS / LEVER_TABLE).read_text())["rows"]
+    pooled += levers
+    sources.append(f"{LEVER_TABLE}: scripts/analysis/lever_table.py (scd, window x lever)")
     args.out.write_text(json.dumps({"sources": sources, "rows": pooled}, indent=1) + "\n")
     for row in pooled:
         coverage = f", best coverage {row['best_coverage_mean']:.3f}" if "best_coverage_mean" in row else ""
         modes = row.get("success_modes")
         sides = " sides " + " / ".join(f"{100 * v:.0f}%" for _, v in sorted(modes.items())) if modes else ""
-        variant = " ".join(row["overrides"])
+        variant = f"W={row['window']} {row['lever']}" if "lever" in row else " ".join(row["overrides"])
         print(
             f"{row['task']:>13} {row['policy']:>16} {variant:>36} seeds {row['train_seeds']}: "
             f"{100 * row['success_mean']:.1f}% ± {100 * row['success_std']:.1f}{coverage}{sides}"
