@@ -147,6 +147,11 @@ class PolicyConfig:
     # action" token of an episode start), against copying the last action instead of reading the scene
     # (the evidence for the default: docs/RESULTS.md).
     prev_action_dropout: float = 0.5
+    # Causal policies: whether the encoder reads each step's previous action at all (one token per
+    # step). False removes the copying shortcut outright; with ``past_actions`` the policy must then
+    # recover the past actions from the observation history (past-token prediction as Torne et al.
+    # 2025 run it: their policies see observations only).
+    prev_action_input: bool = True
     # Causal policies: past-token prediction (Torne et al. 2025, against copycat on long histories).
     # Every step's chunk also predicts the P actions before it: its ``horizon`` actions start P steps
     # back (``chunk_start_offset = -P``), so the decoder must read the past from the context rather than

@@ -272,6 +272,31 @@ def test_prev_action_dropout_hides_previous_actions_in_training_only(
     )
 
 
+@pytest.mark.parametrize("policy_type", ["scd", "causal_diffusion"])
+def test_without_prev_action_input_the_actions_never_reach_the_policy(
+    policy_type: str, buffer: ReplayBuffer
+) -> None:
+    torch.manual_seed(0)
+    policy = build(policy_type, buffer, prev_action_input=False, past_actions=2)
+    with_input = build(policy_type, buffer)
+    assert policy.tokenizer.tokens_per_step == with_input.tokenizer.tokens_per_step - 1
+    randomize_zero_init(policy)
+    policy.eval()
+    history = causal_history(policy, buffer, 5)
+    noise = torch.randn(1, HORIZON, ACTION_DIM)
+    chunk = policy.predict_chunk(history, num_inference_steps=2, noise=noise)
+    # Other executed actions give the same chunk: nothing but the observations is read.
+    scrambled = dict(history, action=torch.randn_like(history["action"]) * 10)
+    torch.testing.assert_close(policy.predict_chunk(scrambled, num_inference_steps=2, noise=noise), chunk)
+    # It still streams (the run-time path hands it previous actions it ignores) and still learns, with
+    # the past actions now a target recovered from the observation history only (past-token prediction).
+    runtime = PolicyRuntime(policy, num_inference_steps=2)
+    runtime.reset(seed=0)
+    action = runtime.step({"state": history["state"][0, 0].numpy()})
+    assert action.shape == (ACTION_DIM,) and np.isfinite(action).all()
+    assert_loss_falls(policy, batch_of(policy, buffer, [0, 9, 30, 41]))
+
+
 def assert_loss_falls(policy: Policy, batch: dict[str, torch.Tensor]) -> None:
     """60 AdamW steps on ``batch`` cut the loss (measured with fixed noise, in eval mode) by 3x."""
 

@@ -115,7 +115,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
             config.d_model,
             config.image_tokens,
             config.image_channels,
-            use_prev_action=True,
+            use_prev_action=config.prev_action_input,
         )
 
     # ------------------------------------------------------------------ network hooks

@@ -21,7 +21,17 @@ from typing import Any
 from scd_policy.quality import pool_rows
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "h"
-LEVERS = ("defaults", "no_dropout", "history_noise", "context_noise", "past_actions", "random_history")
+LEVERS = (
+    "defaults",
+    "no_dropout",
+    "history_noise",
+    "context_noise",
+    "past_actions",
+    "random_history",
+    "no_prev_action",
+    "past_token_prediction",
+    "combined",
+)
 CELL = re.compile(r"(?P<task>.+)_w(?P<window>\d+)_(?P<lever>[a-z_]+?)(?:_seed\d+)?$")
 # What a long default window must reach (issue H.3): within 2 points of the 2-step variant on a fully
 # observed task, >= 95% on the memory task.

@@ -12,7 +12,8 @@ set -euo pipefail
 root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers] [levers]}")
 seed=${2:-0}
 workers=${3:-2}
-ALL_LEVERS="defaults no_dropout history_noise context_noise past_actions random_history"
+ALL_LEVERS="defaults no_dropout history_noise context_noise past_actions random_history no_prev_action
+  past_token_prediction combined"
 levers=${4:-$ALL_LEVERS}
 levers=${levers//,/ }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -28,6 +29,12 @@ declare -A LEVER=(
   [context_noise]="policy.context_noise=0.3"
   [past_actions]="policy.past_actions=4"
   [random_history]="policy.random_history=0.5"
+  # No previous-action token at all (the copying shortcut removed rather than hidden half the time).
+  [no_prev_action]="policy.prev_action_input=false"
+  # Past-token prediction as Torne et al. run it: observations in, past and future actions out.
+  [past_token_prediction]="policy.prev_action_input=false policy.past_actions=4"
+  # Every lever that did not hurt on its own, together.
+  [combined]="policy.prev_action_input=false policy.past_actions=4 policy.random_history=0.5 policy.context_noise=0.3"
 )
 # Each task's budget: the CPU table's (mw_push) and the main job's (memory_cue).
 declare -A BUDGET=(
@@ -57,7 +64,8 @@ run_cell() {  # <task> <window> <lever>
   # With 32-step windows a training step denoises a random 8 of the window's chunks (the main job's
   # recipe); shorter windows denoise every step's chunk.
   ((window > 8)) && extra+=("policy.decoder_steps=8")
-  [[ -n ${LEVER[$lever]} ]] && extra+=("${LEVER[$lever]}")
+  # shellcheck disable=SC2206  # a lever is one or more space-separated overrides
+  [[ -n ${LEVER[$lever]} ]] && extra+=(${LEVER[$lever]})
   mkdir -p "$out"
   ln -sfn "$root/data" "$out/data"
   local list
