@@ -42,6 +42,12 @@ class TemporalEnsembler:
     (j = 0: the oldest, as in ACT). ``decay = 0`` gives the plain average; a large decay follows the
     oldest chunk (open loop for L ticks). A tick may add no chunk for some streams (``has_chunk``):
     they are then served from the chunks already in play.
+
+    Two bookkeepings of which chunks are in play. While every tick adds a chunk to every stream (a
+    replanning runtime's ticks), stream b's chunks in play are the ``count[b]`` newest, and the weights
+    depend on that count alone (a table): ``add(None, chunk)`` is then a handful of tensor ops. Once a
+    tick skips a chunk or serves a subset of the streams, ``valid`` (B, L) per age takes over, until
+    the next reset of every stream.
     """
 
     def __init__(self, num_envs: int, chunk_len: int, action_dim: int, decay: float, device: torch.device):
@@ -51,33 +57,71 @@ class TemporalEnsembler:
         self.chunk_len = chunk_len
         # chunks[b, a, i]: the prediction, for tick now + i, of stream b's chunk added a ticks ago.
         self.chunks = torch.zeros(num_envs, chunk_len, chunk_len, action_dim, device=device)
-        self.valid = torch.zeros(num_envs, chunk_len, dtype=torch.bool, device=device)  # chunk of age a
+        self._spare = torch.zeros_like(self.chunks)  # the next tick's chunks are written here
+        self._count: Tensor | None = torch.zeros(num_envs, dtype=torch.long, device=device)
+        self._valid = torch.zeros(num_envs, chunk_len, dtype=torch.bool, device=device)  # chunk of age a
+        # weights[n]: the normalised weights per age when the n newest chunks are in play, (L + 1, L).
+        rank = torch.arange(chunk_len, dtype=torch.float64)  # age a
+        table = torch.zeros(chunk_len + 1, chunk_len, dtype=torch.float64)
+        for n in range(1, chunk_len + 1):
+            w = torch.exp(-decay * (n - 1 - rank[:n]))  # age a is the (n - 1 - a)-th oldest
+            table[n, :n] = w / w.sum()
+        self._weights = table.to(device=device, dtype=torch.float32)
+
+    @property
+    def valid(self) -> Tensor:
+        """(B, L) bool: whether each stream's chunk of age a is in play."""
+        if self._count is not None:
+            ages = torch.arange(self.chunk_len, device=self._count.device)
+            return ages[None, :] < self._count[:, None]
+        return self._valid
 
     def reset(self, streams: Tensor | None = None) -> None:
         """Forget the chunks of every stream (None) or of the streams ``streams`` (bool (B,) or indices)."""
         if streams is None:
-            self.valid.zero_()
+            self._count = torch.zeros_like(self._valid[:, 0], dtype=torch.long)
+        elif self._count is not None:
+            self._count[streams.to(self._count.device)] = 0
         else:
-            self.valid[streams.to(self.valid.device)] = False
+            self._valid[streams.to(self._valid.device)] = False
 
-    def add(self, rows: Tensor, chunk: Tensor, has_chunk: Tensor | None = None) -> Tensor:
-        """A new tick for streams ``rows`` (R,) with their new chunks (R, L, Da) (only where
-        ``has_chunk`` (R,) is True, if given); returns the actions (R, Da) to execute now."""
+    def add(self, rows: Tensor | None, chunk: Tensor, has_chunk: Tensor | None = None) -> Tensor:
+        """A new tick for streams ``rows`` (R,) (None: every stream, in order) with their new chunks
+        (R, L, Da) (only where ``has_chunk`` (R,) is True, if given); returns the actions (R, Da) to
+        execute now."""
         if chunk.shape[1] != self.chunk_len:
             raise ValueError(f"chunk of length {chunk.shape[1]}; the ensembler holds {self.chunk_len}")
+        if rows is None and has_chunk is None and self._count is not None:
+            return self._add_every_stream(chunk, self._count)
+        if self._count is not None:  # from now on per age (see the class docstring)
+            self._valid, self._count = self.valid, None
+        if rows is None:
+            rows = torch.arange(self.chunks.shape[0], device=self.chunks.device)
         old = self.chunks[rows]  # (R, L, L, Da)
         aged = torch.zeros_like(old)
         aged[:, 1:, :-1] = old[:, :-1, 1:]  # one tick older: the prediction for now moves one index left
         aged[:, 0] = chunk
         self.chunks[rows] = aged
-        valid = torch.zeros_like(self.valid[rows])
-        valid[:, 1:] = self.valid[rows][:, :-1]
+        valid = torch.zeros_like(self._valid[rows])
+        valid[:, 1:] = self._valid[rows][:, :-1]
         valid[:, 0] = True if has_chunk is None else has_chunk.to(valid.device)
-        self.valid[rows] = valid
+        self._valid[rows] = valid
         # j: the rank of each chunk in play, oldest first (0 for the oldest).
         oldest_first = valid.flip(1).cumsum(1).flip(1) - 1
         weights = torch.exp(-self.decay * oldest_first.to(chunk.dtype)) * valid
         return (weights[:, :, None] * aged[:, :, 0]).sum(1) / weights.sum(1, keepdim=True)
+
+    def _add_every_stream(self, chunk: Tensor, count: Tensor) -> Tensor:
+        """``add`` for every stream, each given a chunk: the same schedule in place, weights looked up."""
+        aged, old = self._spare, self.chunks
+        # Entries (a >= 1, L - 1) keep stale values: they would reach index 0 (now) only at age >= L,
+        # when their chunk is out of play, so they are never read.
+        aged[:, 1:, :-1] = old[:, :-1, 1:]
+        aged[:, 0] = chunk
+        self.chunks, self._spare = aged, old
+        count.add_(1).clamp_(max=self.chunk_len)
+        weights = self._weights[count]  # (B, L)
+        return (weights[:, :, None] * aged[:, :, 0]).sum(1)
 
 
 class ChunkQueue:
@@ -220,6 +264,7 @@ class EnsembledChunks:
         self.delayed_valid = torch.zeros(num_envs, ring, dtype=torch.bool)
         self.tick = torch.zeros(num_envs, dtype=torch.long)  # ticks since the stream's episode start
         self.now = torch.zeros(num_envs, action_dim, device=device, dtype=dtype)
+        self._every = torch.arange(num_envs)  # every stream plans every tick
 
     def reset(self, streams: Tensor | None = None) -> None:
         every = slice(None) if streams is None else streams.to("cpu")
@@ -228,11 +273,16 @@ class EnsembledChunks:
         self.tick[every] = 0
 
     def needs_chunk(self) -> Tensor:
-        return torch.arange(self.tick.shape[0])
+        return self._every  # read-only for callers
 
     def store(self, rows: Tensor, chunk: Tensor) -> None:
-        rows_dev = rows.to(self.now.device)
         d = self.d
+        if d == 0 and rows.numel() == self.tick.shape[0]:
+            # ``rows`` are needs_chunk()'s: every stream, in order, when there are as many.
+            self.now.copy_(self.ensembler.add(None, chunk))
+            self.tick += 1
+            return
+        rows_dev = rows.to(self.now.device)
         if d == 0:
             self.now[rows_dev] = self.ensembler.add(rows_dev, chunk)
         else:

@@ -167,6 +167,21 @@ class PolicyRuntime:
         self.latencies_ms: deque[float] = deque(maxlen=latency_window)
         self.steps_taken = 0  # control ticks since construction (all episodes)
         self._images = {key for key, shape in cfg.input_shapes.items() if is_policy_image(shape)}
+        # The vector observations' checks run in numpy on the small host arrays (a few microseconds,
+        # where the same checks as tensor ops cost tens per tick); None: the tensor path (other dtypes).
+        numpy_dtypes: dict[torch.dtype, type[np.floating[Any]]] = {
+            torch.float32: np.float32,
+            torch.float64: np.float64,
+        }
+        self._np_dtype = numpy_dtypes.get(self.dtype)
+        self._np_stats = {
+            key: (
+                policy.normalizer.stats_arrays(key)
+                if key not in self._images and self._np_dtype is not None
+                else None
+            )
+            for key in cfg.input_shapes
+        }
         self._action_dim = cfg.action_dim
         # Ancestral DDPM draws noise at every denoising step: those streams are sampled one at a time so
         # that each stream's draws come from its own generator only.
@@ -382,7 +397,7 @@ class PolicyRuntime:
         """One (H, Da) start noise per stream of ``rows``, each from that stream's own generator."""
         shape = (1, self.config.horizon, self._action_dim)
         noise = torch.cat(
-            [torch.randn(shape, generator=self._generators[int(r)], dtype=self.dtype) for r in rows]
+            [torch.randn(shape, generator=self._generators[r], dtype=self.dtype) for r in rows.tolist()]
         )
         return noise.to(self.device)
 
@@ -467,6 +482,10 @@ class PolicyRuntime:
                 batched_input = True
             if key in self._images:
                 array = self._unit_range(key, array, from_255)
+            stats = self._np_stats[key]
+            if stats is not None and self._np_dtype is not None:
+                tensors[key] = self._checked_vector(key, array.reshape(self.num_envs, *want), stats)
+                continue
             tensor = torch.as_tensor(
                 array.reshape(self.num_envs, *want), dtype=self.dtype, device=self.device
             )
@@ -480,6 +499,29 @@ class PolicyRuntime:
                 self._check_range(key, tensor)
             tensors[key] = tensor
         return batched_input, tensors
+
+    def _checked_vector(
+        self, key: str, array: npt.NDArray[Any], stats: tuple[npt.NDArray[Any], npt.NDArray[Any]]
+    ) -> Tensor:
+        """A vector observation (num_envs, *shape) cast to the policy's dtype and checked in numpy: the
+        same checks, messages and thresholds as the tensor path (``_check_range``)."""
+        # A copy: the caller may reuse its array (a simulator's state view) after step() returns.
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+            values = np.array(array, dtype=self._np_dtype, order="C", copy=True)
+        if not np.isfinite(values).all():
+            raise ObservationError(
+                f"observation {key!r} contains NaN or inf (as {self.dtype}: values beyond ±3.4e38 "
+                "overflow); check the sensor feeding it"
+            )
+        offset, scale = stats
+        magnitude = float(np.abs((values - offset) / scale).max())
+        if magnitude > MAX_NORMALIZED_MAGNITUDE:
+            raise ObservationError(
+                f"observation {key!r} has values {magnitude:.3g} training ranges away from the data the "
+                f"policy was trained on (max |value| {float(np.abs(values).max()):.3g}); a broken sensor or "
+                "a unit mix-up? Refused before it reaches the policy's history"
+            )
+        return torch.from_numpy(values).to(self.device)
 
     def _check_range(self, key: str, tensor: Tensor) -> None:
         magnitude = float(self.policy.normalizer.normalize(key, tensor).abs().max())

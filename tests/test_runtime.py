@@ -325,12 +325,13 @@ def test_memory_is_flat_over_a_10000_step_episode() -> None:
 # ----------------------------------------------------------------------------- temporal ensembling
 
 
-def test_temporal_ensembling_hand_computed() -> None:
+@pytest.mark.parametrize("every_stream", [False, True])  # rows given, or None (the in-place path)
+def test_temporal_ensembling_hand_computed(every_stream: bool) -> None:
     # Chunk sampled at tick s predicts 10 s + i for tick s + i (L = 3).
     def chunk(s: int) -> torch.Tensor:
         return torch.tensor([[[10.0 * s], [10.0 * s + 1], [10.0 * s + 2]]])
 
-    rows = torch.tensor([0])
+    rows = None if every_stream else torch.tensor([0])
     plain = TemporalEnsembler(1, 3, 1, decay=0.0, device=torch.device("cpu"))
     got = [float(plain.add(rows, chunk(s))) for s in range(5)]
     # tick 0: chunk 0 only; tick 1: (1 + 10) / 2; tick 2: (2 + 11 + 20) / 3; later: the last three.
@@ -341,10 +342,16 @@ def test_temporal_ensembling_hand_computed() -> None:
     assert got == pytest.approx([0.0, (1 + 0.5 * 10) / 1.5, (2 + 0.5 * 11 + 0.25 * 20) / 1.75])
     # Per-stream reset: stream 1 starts over, stream 0 keeps its chunks.
     two = TemporalEnsembler(2, 3, 1, decay=0.0, device=torch.device("cpu"))
-    both = torch.tensor([0, 1])
+    both = None if every_stream else torch.tensor([0, 1])
     two.add(both, torch.cat([chunk(0), chunk(0)]))
     two.reset(torch.tensor([False, True]))
     assert two.add(both, torch.cat([chunk(1), chunk(1)]))[:, 0].tolist() == pytest.approx([5.5, 10.0])
+    # A tick without a chunk for stream 0: it is served from the chunks in play (ticks 2: 2 and 11),
+    # and the ticks after it weigh the chunks that are there, on either path.
+    two.add(both, torch.cat([chunk(2), chunk(2)]), has_chunk=torch.tensor([False, True]))
+    assert two.add(both, torch.cat([chunk(3), chunk(3)]))[:, 0].tolist() == pytest.approx(
+        [(12 + 30) / 2, (12 + 21 + 30) / 3]
+    )
 
 
 @pytest.mark.parametrize("policy_type", ["scd", "diffusion_policy"])

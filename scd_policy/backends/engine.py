@@ -16,6 +16,7 @@ Runtime engine is in ``backends.onnx``.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -52,6 +53,18 @@ class StepEngine(ABC):
             with torch.no_grad():
                 shared = self._prepared[key] = self._decoder_module.prepare(times, step_size)
         return shared
+
+    def denoiser(
+        self, times: Tensor, step_size: float | None, context: Tensor
+    ) -> Callable[[Tensor, int], Tensor]:
+        """The decoder at the K prepared noise levels ``times`` on ``context`` (N, n_ctx, D): the step
+        function ``(x_t, k) -> prediction`` of one sampling run (``diffusion.StepFn``)."""
+        prepared = self.prepared(times, step_size)
+
+        def step(x: Tensor, k: int) -> Tensor:
+            return self.denoise(x, prepared.blocks[k], prepared.final[k], context)
+
+        return step
 
     @abstractmethod
     def run_encoder(self, inputs: list[Tensor]) -> list[Tensor]:
@@ -91,20 +104,29 @@ def encoder_inputs(
         table.reshape(-1, 1, n, head_dim).expand(b, 1, n, head_dim).contiguous() for table in plan.rope
     )
     m = 0 if past is None else past[0][0].shape[2]  # kept tokens
-    if plan.mask is None:
-        mask = torch.ones(b, 1, n, m + n, dtype=torch.bool, device=tokens.device)
+    if plan.mask is None:  # every key visible (a streamed step): constant masks, made once per shape
+        new_mask = _constant_mask(b, n, n, True, tokens.device)
+        past_mask = _constant_mask(b, n, max(m, 1), past is not None, tokens.device)
     else:
         mask = plan.mask.expand(b, 1, n, m + n)
-    new_mask = mask[..., m:].contiguous()
+        new_mask = mask[..., m:].contiguous()
+        past_mask = (
+            mask[..., :m].contiguous() if past is not None else _constant_mask(b, n, 1, False, tokens.device)
+        )
     if past is None:
         # An exported graph keeps every size >= 1: one zero token, hidden from every query.
-        past_mask = torch.zeros(b, 1, n, 1, dtype=torch.bool, device=tokens.device)
         empty = tokens.new_zeros(b, n_heads, 1, head_dim)
         flat = [empty] * (2 * n_layers)
     else:
-        past_mask = mask[..., :m].contiguous()
         flat = [tensor.contiguous() for pair in past for tensor in pair]
     return [tokens.contiguous(), cos, sin, past_mask, new_mask, *flat]
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_mask(b: int, queries: int, keys: int, value: bool, device: torch.device) -> Tensor:
+    """A (b, 1, queries, keys) bool mask of one value, shared and never written (graph inputs only)."""
+    with torch.inference_mode(False):
+        return torch.full((b, 1, queries, keys), value, dtype=torch.bool, device=device)
 
 
 class TorchGraphEngine(StepEngine):

@@ -43,7 +43,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from scd_policy.models.layers import rope_cos_sin
+from scd_policy.models.layers import rope_at, rope_cos_sin
 
 # Smallest buffer (in tokens) for caches without a window, which grow by doubling.
 _MIN_CAPACITY = 64
@@ -174,12 +174,13 @@ class KVCache:
             self.evict(self.max_steps - 1)
         self.tokens_per_step = tokens_per_step
         n_old = self.n_steps
-        q_step = torch.arange(n_old, n_old + n_new_steps, device=device).repeat_interleave(tokens_per_step)
-        rope = rope_cos_sin(q_step + self.first_step, head_dim)
         old_valid = self.token_valid()
         if n_new_steps == 1 and old_valid is None:
             # One new step, every kept step visible (the eviction above keeps it inside the window).
+            rope = rope_at(self.first_step + n_old, tokens_per_step, head_dim, torch.device(device))
             return StepPlan(rope=rope, mask=None, n_old_steps=n_old, n_new_steps=1)
+        q_step = torch.arange(n_old, n_old + n_new_steps, device=device).repeat_interleave(tokens_per_step)
+        rope = rope_cos_sin(q_step + self.first_step, head_dim)
         k_step = torch.arange(n_old + n_new_steps, device=device).repeat_interleave(tokens_per_step)
         allowed = k_step[None, :] <= q_step[:, None]  # (N_new, M + N_new): causal across steps
         if self.max_steps is not None:

@@ -47,6 +47,27 @@ def rope_cos_sin(positions: Tensor, head_dim: int, base: float = ROPE_BASE) -> t
     return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
 
 
+# rope_cos_sin rows of positions 0 .. N-1 per (head_dim, device), grown by doubling up to a bound: the
+# tables of one streamed step are then a lookup, not a dozen small tensor ops.
+_ROPE_ROWS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+_ROPE_ROWS_MAX = 1 << 16
+
+
+def rope_at(position: int, n_tokens: int, head_dim: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``rope_cos_sin`` of ``n_tokens`` tokens that all sit at ``position`` (one control step's),
+    (1, n_tokens, head_dim) each (expanded views of one row)."""
+    rows = _ROPE_ROWS.get((head_dim, device))
+    if rows is None or position >= rows[0].shape[0]:
+        if position >= _ROPE_ROWS_MAX:
+            return rope_cos_sin(torch.full((n_tokens,), position, device=device), head_dim)
+        size = min(max(256, 2 * (position + 1)), _ROPE_ROWS_MAX)
+        with torch.inference_mode(False):  # a plain tensor: callers with autograd may read it too
+            cos, sin = rope_cos_sin(torch.arange(size, device=device), head_dim)  # (1, size, head_dim)
+        rows = _ROPE_ROWS[(head_dim, device)] = (cos[0], sin[0])
+    cos, sin = rows
+    return cos[position].expand(1, n_tokens, head_dim), sin[position].expand(1, n_tokens, head_dim)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (i, i + head_dim/2) of x (B, heads, N, head_dim) by the given angles."""
     half = x.shape[-1] // 2

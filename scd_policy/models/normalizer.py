@@ -164,6 +164,12 @@ class Normalizer(nn.Module):
         for buffer, values in ((stats.offset, offset), (stats.scale, scale)):
             buffer.copy_(torch.from_numpy(np.array(np.broadcast_to(values, buffer.shape), dtype=np.float32)))
 
+    def stats_arrays(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """A key's offset and scale as float32 numpy arrays (copies): ``normalize`` is
+        ``(x - offset) / scale``."""
+        stats = self._stats(key)
+        return stats.offset.detach().cpu().numpy().copy(), stats.scale.detach().cpu().numpy().copy()
+
     def _stats(self, key: str) -> _KeyStats:
         if key not in self.shapes:
             raise KeyError(f"normaliser has no key {key!r}; known keys: {self.keys}")

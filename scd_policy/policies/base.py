@@ -301,10 +301,24 @@ class Policy(nn.Module, ABC):
         return x + self.config.history_noise * torch.randn_like(x)
 
     def _dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        return self._placement()[1]
 
     def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self._placement()[0]
+
+    def _placement(self) -> tuple[torch.device, torch.dtype]:
+        # Asked several times per control tick: walking the module tree each time (parameters()) was
+        # measurable at the small presets. ``_apply`` (to / cuda / float / half) forgets it.
+        placement: tuple[torch.device, torch.dtype] | None = self.__dict__.get("_placement_cache")
+        if placement is None:
+            first = next(self.parameters())
+            placement = self.__dict__["_placement_cache"] = (first.device, first.dtype)
+        return placement
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Policy:
+        self.__dict__.pop("_placement_cache", None)
+        applied: Policy = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        return applied
 
     # ------------------------------------------------------------------ checkpoints
 

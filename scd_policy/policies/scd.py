@@ -127,14 +127,8 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     def prepare_denoiser(self, context: Tensor, times: Tensor) -> diffusion.StepFn:
         # The K steps' modulations in one batched pass; a shortcut decoder is told its step size 1/K.
         step_size = 1.0 / len(times) if self.config.diffusion.shortcut else None
-        engine = self.engine
-        if engine is not None:
-            prepared = engine.prepared(times, step_size)
-
-            def engine_step(x: Tensor, k: int) -> Tensor:
-                return engine.denoise(x, prepared.blocks[k], prepared.final[k], context)
-
-            return engine_step
+        if self.engine is not None:
+            return self.engine.denoiser(times, step_size, context)
 
         shared = self.decoder.prepare(times, step_size)
         decoder = self.decoder
