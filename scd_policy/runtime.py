@@ -491,10 +491,7 @@ class PolicyRuntime:
             )
             # Checked after the cast: a finite float64 beyond float32's range (1e39) becomes inf here.
             if not bool(torch.isfinite(tensor).all()):
-                raise ObservationError(
-                    f"observation {key!r} contains NaN or inf (as {self.dtype}: values beyond ±3.4e38 "
-                    "overflow); check the sensor feeding it"
-                )
+                raise self._non_finite(key)
             if key not in self._images:
                 self._check_range(key, tensor)
             tensors[key] = tensor
@@ -509,28 +506,30 @@ class PolicyRuntime:
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
             values = np.array(array, dtype=self._np_dtype, order="C", copy=True)
         if not np.isfinite(values).all():
-            raise ObservationError(
-                f"observation {key!r} contains NaN or inf (as {self.dtype}: values beyond ±3.4e38 "
-                "overflow); check the sensor feeding it"
-            )
+            raise self._non_finite(key)
         offset, scale = stats
         magnitude = float(np.abs((values - offset) / scale).max())
         if magnitude > MAX_NORMALIZED_MAGNITUDE:
-            raise ObservationError(
-                f"observation {key!r} has values {magnitude:.3g} training ranges away from the data the "
-                f"policy was trained on (max |value| {float(np.abs(values).max()):.3g}); a broken sensor or "
-                "a unit mix-up? Refused before it reaches the policy's history"
-            )
+            raise self._out_of_range(key, magnitude, float(np.abs(values).max()))
         return torch.from_numpy(values).to(self.device)
 
     def _check_range(self, key: str, tensor: Tensor) -> None:
         magnitude = float(self.policy.normalizer.normalize(key, tensor).abs().max())
         if magnitude > MAX_NORMALIZED_MAGNITUDE:
-            raise ObservationError(
-                f"observation {key!r} has values {magnitude:.3g} training ranges away from the data the "
-                f"policy was trained on (max |value| {float(tensor.abs().max()):.3g}); a broken sensor or a "
-                "unit mix-up? Refused before it reaches the policy's history"
-            )
+            raise self._out_of_range(key, magnitude, float(tensor.abs().max()))
+
+    def _non_finite(self, key: str) -> ObservationError:
+        return ObservationError(
+            f"observation {key!r} contains NaN or inf (as {self.dtype}: values beyond ±3.4e38 "
+            "overflow); check the sensor feeding it"
+        )
+
+    def _out_of_range(self, key: str, magnitude: float, max_abs: float) -> ObservationError:
+        return ObservationError(
+            f"observation {key!r} has values {magnitude:.3g} training ranges away from the data the "
+            f"policy was trained on (max |value| {max_abs:.3g}); a broken sensor or a unit mix-up? "
+            "Refused before it reaches the policy's history"
+        )
 
     def _leads(self) -> tuple[tuple[int, ...], ...]:
         """Accepted leading axes: none or 1 for a single stream, (num_envs,) otherwise."""
