@@ -7,15 +7,25 @@
 # continue an interrupted sweep (evaluated cells are read back, trainings resume). Then:
 #   .venv/bin/python scripts/analysis/lever_table.py <root> --out docs/results/h/levers
 #
-# usage: scripts/sweeps/history_levers.sh <root> [train_seed=0] [workers=2] [levers=all, comma-separated]
+# The same levers run on the other cells of issue H's table by naming them (tasks and windows, comma-
+# separated): e.g. the 10-demonstration Meta-World set at W = 32 with past-token prediction,
+#   scripts/sweeps/history_levers.sh <root> 0 2 past_token_prediction mw_shelf_place,mw_hammer 32
+# Each task keeps its table budget (TASK below); its demonstrations are collected once into <root>/data.
+#
+# usage: scripts/sweeps/history_levers.sh <root> [train_seed=0] [workers=2] [levers=all]
+#          [tasks=memory_cue,mw_push] [windows=32,8,2]
 set -euo pipefail
-root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers] [levers]}")
+root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers] [levers] [tasks] [windows]}")
 seed=${2:-0}
 workers=${3:-2}
 ALL_LEVERS="defaults no_dropout history_noise context_noise past_actions random_history no_prev_action
   past_token_prediction combined"
 levers=${4:-$ALL_LEVERS}
 levers=${levers//,/ }
+tasks=${5:-memory_cue,mw_push}
+tasks=${tasks//,/ }
+windows=${6:-32,8,2}
+windows=${windows//,/ }
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 py="$repo/.venv/bin/python"
 export OMP_NUM_THREADS=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -36,26 +46,37 @@ declare -A LEVER=(
   # Every lever that did not hurt on its own, together.
   [combined]="policy.prev_action_input=false policy.past_actions=4 policy.random_history=0.5 policy.context_noise=0.3"
 )
-# Each task's budget: the CPU table's (mw_push) and the main job's (memory_cue).
-declare -A BUDGET=(
-  [mw_push]="steps=4500"
-  [memory_cue]="steps=1500"
+# Each task's cell of the table: demonstrations, preset and budget. The CPU table's for mw_push, the
+# main job's for memory_cue, issue H.4's for the 10-demonstration Meta-World set (scripts/sweeps/
+# metaworld10.sh), H.2's for reach_around.
+declare -A TASK=(
+  [mw_push]="demos=100 size=tiny steps=4500 batch_size=32"
+  [memory_cue]="demos=100 size=tiny steps=1500 batch_size=32"
+  [reach_around]="demos=100 size=small steps=10000 batch_size=64"
 )
+for task in mw_hammer mw_bin_picking mw_shelf_place mw_assembly mw_pick_out_of_hole mw_disassemble \
+  mw_stick_pull; do
+  TASK[$task]="demos=10 size=tiny steps=4500 batch_size=32"
+done
+for task in $tasks; do
+  [[ -n ${TASK[$task]:-} ]] || { echo "history_levers.sh: no table cell for task '$task' (known: ${!TASK[*]})" >&2; exit 2; }
+done
 
 # One line per cell, the long windows first: they decide the default.
 queue="$root/queue.$$.txt"  # this invocation's own: two may share a root with different levers
 : >"$queue"
-for window in 32 8 2; do
-  for task in memory_cue mw_push; do
+for window in $windows; do
+  for task in $tasks; do
     for lever in $levers; do
       echo "$task $window $lever" >>"$queue"
     done
   done
 done
 
-for task in "${!BUDGET[@]}"; do  # the demonstrations, once, before any worker reads them
+for task in $tasks; do  # the demonstrations, once, before any worker reads them
+  demos=${TASK[$task]%% *}
   "$py" -c "from scd_policy.collection import CollectConfig, collect_up_to
-collect_up_to(CollectConfig(task='$task', out='$root/data/$task.zarr', image=False, workers=2), 100)"
+collect_up_to(CollectConfig(task='$task', out='$root/data/$task.zarr', image=False, workers=2), ${demos#demos=})"
 done
 
 run_cell() {  # <task> <window> <lever>
@@ -71,7 +92,7 @@ run_cell() {  # <task> <window> <lever>
   local list
   list=$(printf '"%s",' "${extra[@]}")
   nice -n 10 "$repo/.venv/bin/scd-quality" out="$out" tasks="[$task]" image_tasks=[] policies=[scd] \
-    demos=100 size=tiny ${BUDGET[$task]} batch_size=32 threads=1 train_seeds="[$seed]" episodes=50 \
+    ${TASK[$task]} threads=1 train_seeds="[$seed]" episodes=50 \
     seeds=[0,1,2] n_envs=1 workers=1 overrides="[\"train.warmup_steps=100\",${list%,}]" \
     >"$out/log.txt" 2>&1 || echo "FAILED: $task w$window $lever (see $out/log.txt)"
 }
