@@ -14,7 +14,7 @@ import torch
 from scd_policy.bench import BenchConfig, run_suites
 from scd_policy.bench.limit import kernel_ms, record_compute
 from scd_policy.bench.report import markdown
-from scd_policy.bench.setup import build_policy, context_window_for
+from scd_policy.bench.setup import build_policy, context_window_for, training_batch
 from scd_policy.config import ConfigError, DiffusionConfig
 from scd_policy.models.layers import AdaLNDenoiser, NoiseLevels
 from scd_policy.runtime import PolicyRuntime
@@ -92,6 +92,26 @@ def test_train_and_context_suites_rows() -> None:
         if row["K"] == 3:
             one = next(r for r in rows if r["policy"] == row["policy"] and r["K"] == 1)
             assert row["per_denoise_step_ms"] == pytest.approx((row["p50_ms"] - one["p50_ms"]) / 2)
+
+
+@pytest.mark.parametrize(
+    ("policy_type", "overrides"),
+    [
+        ("scd", {}),
+        ("scd", {"past_actions": 3, "prev_action_input": False, "train_window": 4}),
+        ("causal_diffusion", {"past_actions": 2}),
+        ("diffusion_policy", {}),
+    ],
+)
+def test_training_batch_has_the_layout_compute_loss_expects(
+    policy_type: str, overrides: dict[str, object]
+) -> None:
+    # The train suite's synthetic batch must follow the policy's recipe (past actions widen the sample).
+    policy = build_policy(policy_type, "tiny", 5, 2, False, "cpu", 0, overrides)
+    batch = training_batch(policy, 2, 0)
+    assert batch["action"].shape[1] == len(policy.config.action_offsets)
+    loss, _ = policy.train().compute_loss(batch)
+    assert torch.isfinite(loss)
 
 
 def test_serve_suite_rows_and_report(tmp_path: Path) -> None:

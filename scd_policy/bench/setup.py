@@ -108,7 +108,7 @@ def training_batch(policy: Policy, batch: int, seed: int) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     device = next(policy.parameters()).device
     steps = config.train_window if config.is_causal else config.n_obs_steps
-    n_actions = steps + config.horizon if config.is_causal else config.horizon
+    n_actions = len(config.action_offsets)  # what the dataset hands over (past actions included)
     out: dict[str, Tensor] = {}
     for key, shape in config.input_shapes.items():
         if is_policy_image(shape):
