@@ -19,7 +19,7 @@ root=$(realpath -m "${1:?usage: history_levers.sh <root> [train_seed] [workers] 
 seed=${2:-0}
 workers=${3:-2}
 ALL_LEVERS="defaults no_dropout history_noise context_noise past_actions random_history no_prev_action
-  past_token_prediction combined"
+  past_token_prediction combined ptp_batch_quarter ptp_batch_eighth"
 levers=${4:-$ALL_LEVERS}
 levers=${levers//,/ }
 tasks=${5:-memory_cue,mw_push}
@@ -45,6 +45,11 @@ declare -A LEVER=(
   [past_token_prediction]="policy.prev_action_input=false policy.past_actions=4"
   # Every lever that did not hurt on its own, together.
   [combined]="policy.prev_action_input=false policy.past_actions=4 policy.random_history=0.5 policy.context_noise=0.3"
+  # Past-token prediction at about the 2-step window's cost per step: a 32-step window denoises 8
+  # chunks (decoder_steps) where a 2-step one denoises 2, so a quarter (an eighth) of the windows per
+  # batch gives as many (half as many) chunks per step; "batch_size=/4" divides the task's batch.
+  [ptp_batch_quarter]="policy.prev_action_input=false policy.past_actions=4 batch_size=/4"
+  [ptp_batch_eighth]="policy.prev_action_input=false policy.past_actions=4 batch_size=/8"
 )
 # Each task's cell of the table: demonstrations, preset and budget. The CPU table's for mw_push, the
 # main job's for memory_cue, issue H.4's for the 10-demonstration Meta-World set (scripts/sweeps/
@@ -81,18 +86,33 @@ done
 
 run_cell() {  # <task> <window> <lever>
   local task=$1 window=$2 lever=$3 out="$root/$1_w$2_$3"
-  local extra=("policy.train_window=$window")
+  local extra=("policy.train_window=$window") budget item field value
+  read -ra budget <<<"${TASK[$task]}"
   # With 32-step windows a training step denoises a random 8 of the window's chunks (the main job's
   # recipe); shorter windows denoise every step's chunk.
   ((window > 8)) && extra+=("policy.decoder_steps=8")
-  # shellcheck disable=SC2206  # a lever is one or more space-separated overrides
-  [[ -n ${LEVER[$lever]} ]] && extra+=(${LEVER[$lever]})
+  # A lever is one or more space-separated items: policy.* / train.* overrides, or a field of the
+  # task's budget (field=value, or field=/n: the budget's value divided by n).
+  for item in ${LEVER[$lever]}; do
+    case $item in
+      policy.* | train.*) extra+=("$item") ;;
+      *)
+        field=${item%%=*} value=${item#*=}
+        for i in "${!budget[@]}"; do
+          if [[ ${budget[$i]%%=*} == "$field" ]]; then
+            [[ $value == /* ]] && value=$((${budget[$i]#*=} ${value:0:1} ${value:1}))
+            budget[i]="$field=$value"
+          fi
+        done
+        ;;
+    esac
+  done
   mkdir -p "$out"
   ln -sfn "$root/data" "$out/data"
   local list
   list=$(printf '"%s",' "${extra[@]}")
   nice -n 10 "$repo/.venv/bin/scd-quality" out="$out" tasks="[$task]" image_tasks=[] policies=[scd] \
-    ${TASK[$task]} threads=1 train_seeds="[$seed]" episodes=50 \
+    "${budget[@]}" threads=1 train_seeds="[$seed]" episodes=50 \
     seeds=[0,1,2] n_envs=1 workers=1 overrides="[\"train.warmup_steps=100\",${list%,}]" \
     >"$out/log.txt" 2>&1 || echo "FAILED: $task w$window $lever (see $out/log.txt)"
 }
