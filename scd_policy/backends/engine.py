@@ -19,14 +19,13 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
 
 from scd_policy.backends.step_graphs import DecoderStepGraph, EncoderStepGraph
 from scd_policy.models.kv_cache import StepCache, StepPlan
-from scd_policy.models.layers import SharedModulations
 
 if TYPE_CHECKING:
     from scd_policy.policies.scd import SeparableCausalDiffusionPolicy
@@ -42,27 +41,38 @@ class StepEngine(ABC):
         self.head_dim = encoder.head_dim
         self.n_context_tokens = encoder.n_context_tokens
         self._decoder_module = policy.decoder
-        self._prepared: dict[tuple[tuple[float, ...], float | None], SharedModulations] = {}
+        self._levels: dict[tuple[tuple[float, ...], float | None], list[tuple[Any, Any]]] = {}
 
-    def prepared(self, times: Tensor, step_size: float | None) -> SharedModulations:
-        """``decoder.prepare(times, step_size)``, computed once per distinct set of sampling times: the
-        weights behind an engine are frozen, and a runtime samples at the same K times every replan."""
+    def levels(self, times: Tensor, step_size: float | None) -> list[tuple[Any, Any]]:
+        """The decoder's inputs ``(blocks, final)`` at each of the K noise levels ``times``
+        (``decoder.prepare(times, step_size)``, step k), in the form ``denoise`` takes
+        (``level_input``), made once per distinct set of sampling times: the weights behind an engine
+        are frozen, and a runtime samples at the same K times every replan."""
         key = (tuple(times.tolist()), step_size)
-        shared = self._prepared.get(key)
-        if shared is None:
+        levels = self._levels.get(key)
+        if levels is None:
             with torch.no_grad():
-                shared = self._prepared[key] = self._decoder_module.prepare(times, step_size)
-        return shared
+                shared = self._decoder_module.prepare(times, step_size)
+            levels = self._levels[key] = [
+                (self.level_input(shared.blocks[k]), self.level_input(shared.final[k]))
+                for k in range(len(times))
+            ]
+        return levels
+
+    def level_input(self, tensor: Tensor) -> Any:
+        """A prepared noise-level tensor as ``denoise`` takes it (torch engines: the tensor itself)."""
+        return tensor
 
     def denoiser(
         self, times: Tensor, step_size: float | None, context: Tensor
     ) -> Callable[[Tensor, int], Tensor]:
         """The decoder at the K prepared noise levels ``times`` on ``context`` (N, n_ctx, D): the step
         function ``(x_t, k) -> prediction`` of one sampling run (``diffusion.StepFn``)."""
-        prepared = self.prepared(times, step_size)
+        levels = self.levels(times, step_size)
 
         def step(x: Tensor, k: int) -> Tensor:
-            return self.denoise(x, prepared.blocks[k], prepared.final[k], context)
+            blocks, final = levels[k]
+            return self.denoise(x, blocks, final, context)
 
         return step
 
