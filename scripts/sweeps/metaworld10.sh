@@ -6,17 +6,22 @@
 # its own tasks; then one report over all of them (quality.md has the per-category means next to the
 # DP3 paper's Diffusion Policy anchor). Re-run the same command to continue an interrupted sweep.
 #
-# usage: scripts/sweeps/metaworld10.sh <out> [train_seed=0]
+# The policies default to scd and diffusion_policy; name others (comma-separated) to train them on the
+# same data in the same folder, e.g. `metaworld10.sh <out> 0 causal_diffusion` (its report then covers
+# the policies named; name them all, e.g. scd,diffusion_policy,causal_diffusion, for one report of all).
+#
+# usage: scripts/sweeps/metaworld10.sh <out> [train_seed=0] [policies=scd,diffusion_policy]
 set -euo pipefail
-out=$(realpath -m "${1:?usage: metaworld10.sh <out> [train_seed]}")
+out=$(realpath -m "${1:?usage: metaworld10.sh <out> [train_seed] [policies]}")
 seed=${2:-0}
+policies=${3:-scd,diffusion_policy}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 export OMP_NUM_THREADS=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
 mkdir -p "$out"
 # Balanced by episode length over the two cores (very hard tasks run longest).
 first=mw_hammer,mw_bin_picking,mw_shelf_place,mw_assembly
 second=mw_pick_out_of_hole,mw_disassemble,mw_stick_pull
-common=(image_tasks=[] policies=[scd,diffusion_policy] demos=10 size=tiny steps=4500 batch_size=32
+common=(image_tasks=[] "policies=[$policies]" demos=10 size=tiny steps=4500 batch_size=32
   threads=1 "train_seeds=[$seed]" episodes=50 "seeds=[0,1,2]" n_envs=1 workers=1
   'overrides=["train.warmup_steps=100"]')
 for tasks in "$first" "$second"; do
