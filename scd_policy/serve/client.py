@@ -17,7 +17,6 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -111,21 +110,37 @@ class PolicyClient:
     def reset(self, seed: int | None = None, *, stream: int = 0) -> None:
         """Start a new episode; ``seed`` re-seeds the noise as a local ``PolicyRuntime.reset(seed=...)``
         would (stream ``stream`` of that seed: ``stream_generator(seed, stream)``)."""
-        self._request({"type": "reset", "seed": seed, "stream": stream})
+        self.receive_reset(self.send_reset(seed, stream=stream))
+
+    def send_reset(self, seed: int | None = None, *, stream: int = 0) -> float:
+        """The first half of ``reset`` (see ``send_step``)."""
+        return self._send({"type": "reset", "seed": seed, "stream": stream})
+
+    def receive_reset(self, sent: float) -> None:
+        """The second half of ``reset``."""
+        self._reply(sent)
 
     def step(self, obs: Mapping[str, Any]) -> npt.NDArray[np.float32]:
         """One control tick: the raw observation (a dict of arrays, as for ``PolicyRuntime.step``) ->
         the action (Da,) in raw units."""
-        arrays = {key: np.asarray(value) for key, value in obs.items()}
-        reply = self._request({"type": "step", "obs": arrays})
-        action = reply.get("action")
+        return self.receive_action(self.send_step(obs))
+
+    def send_step(self, obs: Mapping[str, Any]) -> float:
+        """The first half of ``step``: send the observation, return when it went out (for
+        ``receive_action``). Several sessions can send before any of them waits, so that one thread
+        drives a fleet and the server sees the requests together."""
+        return self._send({"type": "step", "obs": {key: np.asarray(value) for key, value in obs.items()}})
+
+    def receive_action(self, sent: float) -> npt.NDArray[np.float32]:
+        """The second half of ``step``: wait for the reply to the observation sent at ``sent``."""
+        action = self._reply(sent).get("action")
         if not isinstance(action, np.ndarray):
             raise ServerConnectionError(f"{self.url} sent a step reply without an action array")
         return action.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ internals
 
-    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, message: dict[str, Any]) -> float:
         frame = protocol.pack(message)
         limit = self.metadata.get("max_message_bytes")
         if isinstance(limit, int) and len(frame) > limit:
@@ -140,10 +155,13 @@ class PolicyClient:
             self._connection.send(frame)
         except ConnectionClosed as error:
             raise self._lost(error) from None
+        return start
+
+    def _reply(self, sent: float) -> dict[str, Any]:
         reply = self._receive()
         self.last_timing = {
             **reply.get("timing", {}),
-            "round_trip_ms": 1000.0 * (time.perf_counter() - start),
+            "round_trip_ms": 1000.0 * (time.perf_counter() - sent),
         }
         if reply.get("type") == "error":
             code, text = str(reply.get("code")), str(reply.get("message"))
@@ -196,30 +214,41 @@ class ClientFleet:
         self.metadata = self.clients[0].metadata
         self.num_inference_steps = int(self.metadata["num_inference_steps"])
         self.latencies_ms: deque[float] = deque(maxlen=10_000)  # per tick, all sessions' round trips
-        self._pool = ThreadPoolExecutor(max_workers=num_envs, thread_name_prefix="scd-fleet")
         self.reset(seed=seed)
 
     def reset(self, mask: Any = None, seed: int | None = None) -> None:
         chosen = range(self.num_envs) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
-        list(self._pool.map(lambda i: self.clients[i].reset(seed, stream=int(i)), chosen))
+        sent = [
+            (self.clients[i], self.clients[i].send_reset(seed, stream=int(i))) for i in chosen
+        ]  # all out first, as in step
+        for client, when in sent:
+            client.receive_reset(when)
 
     def step(self, obs: Mapping[str, Any]) -> npt.NDArray[np.float32]:
         start = time.perf_counter()
         arrays = {key: np.asarray(value) for key, value in obs.items()}
-        actions = list(
-            self._pool.map(
-                lambda i: self.clients[i].step({key: value[i] for key, value in arrays.items()}),
-                range(self.num_envs),
-            )
-        )
+        # Every request goes out before any reply is awaited (one thread: the server answers them in
+        # one batched tick, and the replies wait in the connections meanwhile). Every reply is read,
+        # even after an error, so that each session stays in step with its server side.
+        sent = [
+            client.send_step({key: value[i] for key, value in arrays.items()})
+            for i, client in enumerate(self.clients)
+        ]
+        actions: list[npt.NDArray[np.float32]] = []
+        failure: Exception | None = None
+        for client, when in zip(self.clients, sent, strict=True):
+            try:
+                actions.append(client.receive_action(when))
+            except (ObservationError, PolicyOutputError, ServerError) as error:
+                failure = failure or error
         self.latencies_ms.append(1000.0 * (time.perf_counter() - start))
+        if failure is not None:
+            raise failure
         return np.stack(actions)
 
     def close(self) -> None:
         for client in self.clients:
             client.close()
-        if hasattr(self, "_pool"):
-            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> ClientFleet:
         return self

@@ -22,7 +22,7 @@ from serve_helpers import TASK, VENV_BIN, free_port, serving
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from scd_policy.runtime import PolicyRuntime
+from scd_policy.runtime import ObservationError, PolicyRuntime, stream_generator
 from scd_policy.serve import ClientFleet, PolicyClient, ServerConnectionError, ServerError, protocol
 from scd_policy.training.checkpoint import resolve_policy_dir
 
@@ -278,6 +278,27 @@ def test_scd_eval_rolls_out_through_the_server(trained_run: Path, server: str, t
         for obs in observations(5, 9):
             batch = {"state": np.stack([obs["state"], -obs["state"]])}
             np.testing.assert_allclose(fleet.step(batch), runtime.step(batch), atol=1e-6, rtol=0)
+
+
+def test_a_fleet_tick_with_one_bad_observation_raises_and_every_session_stays_in_step(
+    trained_run: Path, server: str
+) -> None:
+    # A fleet sends every request before reading any reply; after one session's error it must still
+    # read the others', or the next tick would read this tick's replies.
+    with ClientFleet(server, 2, seed=0) as fleet:
+        sessions = [local(trained_run, 0), local(trained_run, 0)]  # streams 0 and 1 of seed 0
+        sessions[1].generators[0].set_state(stream_generator(0, 1).get_state())
+        for tick, obs in enumerate(observations(6, 4)):
+            rows = [obs["state"], -obs["state"]]
+            if tick == 2:
+                with pytest.raises(ObservationError, match="state"):
+                    fleet.step({"state": np.stack([np.full_like(rows[0], np.nan), rows[1]])})
+                sessions[1].step({"state": rows[1]})  # session 1 was served that tick, session 0 not
+                continue
+            expected = np.stack(
+                [runtime.step({"state": row}) for runtime, row in zip(sessions, rows, strict=True)]
+            )
+            np.testing.assert_allclose(fleet.step({"state": np.stack(rows)}), expected, atol=1e-6, rtol=0)
 
 
 def test_backend_onnx_serves_and_rolls_out_like_torch(trained_run: Path, tmp_path: Path) -> None:
