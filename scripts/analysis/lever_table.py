@@ -74,6 +74,13 @@ def labelled_rows(folder: Path) -> list[dict[str, Any]]:
             raise SystemExit(f"{path}: expected a name <task>_w<window>_<lever>_seed<k>.json")
         key = (match["task"], int(match["window"]), match["lever"])
         cells.setdefault(key, []).extend(json.loads(path.read_text())["rows"])
+    for rows in cells.values():
+        # Rows written before scd-quality recorded its overrides carry none; a cell's files are one
+        # experiment by their name (the sweep's overrides for that task, window and lever).
+        known = next((row["overrides"] for row in rows if row.get("overrides") is not None), None)
+        for row in rows:
+            if row.get("overrides") is None and known is not None:
+                row["overrides"] = known
     return [
         {**row, "window": window, "lever": lever}
         for (_, window, lever), rows in cells.items()
@@ -130,7 +137,7 @@ def markdown(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]] |
                 if short is None:
                     verdicts.append(f"{task}: no 2-step row")
                     continue
-                gap = 100 * (row["success_mean"] - short["success_mean"])
+                gap = round(100 * (row["success_mean"] - short["success_mean"]), 6)  # no float dust at -2
                 verdicts.append(
                     f"{task} {gap:+.1f} points vs W = 2{where} ({'met' if gap >= -2 else 'missed'}: >= -2)"
                 )
