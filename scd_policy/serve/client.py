@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -218,32 +218,20 @@ class ClientFleet:
 
     def reset(self, mask: Any = None, seed: int | None = None) -> None:
         chosen = range(self.num_envs) if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
-        sent = [
-            (self.clients[i], self.clients[i].send_reset(seed, stream=int(i))) for i in chosen
-        ]  # all out first, as in step
-        for client, when in sent:
-            client.receive_reset(when)
+        sent = [(self.clients[i], self.clients[i].send_reset(seed, stream=int(i))) for i in chosen]
+        _gather(sent, PolicyClient.receive_reset)
 
     def step(self, obs: Mapping[str, Any]) -> npt.NDArray[np.float32]:
         start = time.perf_counter()
         arrays = {key: np.asarray(value) for key, value in obs.items()}
-        # Every request goes out before any reply is awaited (one thread: the server answers them in
-        # one batched tick, and the replies wait in the connections meanwhile). Every reply is read,
-        # even after an error, so that each session stays in step with its server side.
         sent = [
-            client.send_step({key: value[i] for key, value in arrays.items()})
+            (client, client.send_step({key: value[i] for key, value in arrays.items()}))
             for i, client in enumerate(self.clients)
         ]
-        actions: list[npt.NDArray[np.float32]] = []
-        failure: Exception | None = None
-        for client, when in zip(self.clients, sent, strict=True):
-            try:
-                actions.append(client.receive_action(when))
-            except (ObservationError, PolicyOutputError, ServerError) as error:
-                failure = failure or error
-        self.latencies_ms.append(1000.0 * (time.perf_counter() - start))
-        if failure is not None:
-            raise failure
+        try:
+            actions = _gather(sent, PolicyClient.receive_action)
+        finally:
+            self.latencies_ms.append(1000.0 * (time.perf_counter() - start))
         return np.stack(actions)
 
     def close(self) -> None:
@@ -255,3 +243,25 @@ class ClientFleet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_Reply = TypeVar("_Reply")
+
+
+def _gather(
+    sent: list[tuple[PolicyClient, float]], receive: Callable[[PolicyClient, float], _Reply]
+) -> list[_Reply]:
+    """Read the reply of every request in ``sent`` (client, when it was sent), in order. A fleet sends
+    all its requests before it reads any (from one thread: the server answers them in one batched tick
+    while the replies wait in the connections), and reads every reply even after one is an error, so
+    that each session stays in step with its server side; the first error is raised after that."""
+    replies: list[_Reply] = []
+    failure: Exception | None = None
+    for client, when in sent:
+        try:
+            replies.append(receive(client, when))
+        except (ObservationError, PolicyOutputError, ServerError) as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure
+    return replies

@@ -79,9 +79,9 @@ for window in $windows; do
 done
 
 for task in $tasks; do  # the demonstrations, once, before any worker reads them
-  demos=${TASK[$task]%% *}
+  demos=$(tr ' ' '\n' <<<"${TASK[$task]}" | sed -n 's/^demos=//p')
   "$py" -c "from scd_policy.collection import CollectConfig, collect_up_to
-collect_up_to(CollectConfig(task='$task', out='$root/data/$task.zarr', image=False, workers=2), ${demos#demos=})"
+collect_up_to(CollectConfig(task='$task', out='$root/data/$task.zarr', image=False, workers=2), $demos)"
 done
 
 run_cell() {  # <task> <window> <lever>
