@@ -123,22 +123,28 @@ def test_serve_suite_rows_and_report(tmp_path: Path) -> None:
         "serve_sessions=[1,3]",
         "serve_ticks=4",
         "serve_rounds=1",
+        "serve_rate_hz=20",
     ]
     subprocess.run([sys.executable, "-m", "scd_policy.cli.bench", *args], check=True, timeout=300)
     rows = json.loads((out / "results.json").read_text())
     assert sorted((r["mode"], r["batch"]) for r in rows) == sorted(
-        (mode, n) for mode in ("local", "served_unbatched", "served_batched") for n in (1, 3)
+        (mode, n) for mode in ("local", "served_unbatched", "served_batched", "served_paced") for n in (1, 3)
     )
     by = {(r["mode"], r["batch"]): r for r in rows}
     for row in rows:
         assert row["suite"] == "serve" and row["policy"] == "scd" and row["actions_per_s"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["n"] == 4 * row["batch"]  # one latency per session per measured tick
+        assert row["p99_vs_single"] == pytest.approx(row["p99_ms"] / by[(row["mode"], 1)]["p99_ms"])
+        if row["mode"] == "served_paced":
+            # Robots on their own 20 Hz clocks: at most their rate, and no throughput ratio.
+            assert row["rate_hz"] == 20.0 and row["speedup_vs_unbatched"] is None
+            assert row["actions_per_s"] <= 20.0 * row["batch"] * 1.05
+            continue
         unbatched = by[("served_unbatched", row["batch"])]
         assert row["speedup_vs_unbatched"] == pytest.approx(row["actions_per_s"] / unbatched["actions_per_s"])
-        assert row["p99_vs_single"] == pytest.approx(row["p99_ms"] / by[(row["mode"], 1)]["p99_ms"])
     report = (out / "results.md").read_text()
-    assert "## serve" in report and "| served_batched | 3 |" in report
+    assert "## serve" in report and "| served_batched | 3 |" in report and "| served_paced | 3 |" in report
     assert (out / "serve.png").stat().st_size > 0
 
 

@@ -52,6 +52,12 @@ class BenchConfig:
     # Every session's latency budget (PolicyRuntime latency_ticks): > 0 lets the server plan the next
     # chunk after sending the tick's replies.
     serve_latency_ticks: int = 0
+    # Also n independent robots ticking at this rate (Hz) on their own clocks, their ticks and replans
+    # spread out as a real fleet's are (mode "served_paced"); 0: only the lockstep fleets.
+    serve_rate_hz: float = 10.0
+    # The paced robots' server's batch_window_ms: 0 batches what is queued and never waits for a
+    # neighbour (scd-serve's default, 5, suits lockstep fleets).
+    serve_paced_window_ms: float = 0.0
     # limit: the presets measured (default: size), at every K of ks and the first of histories.
     limit_sizes: list[str] = field(default_factory=list)
     state_dim: int = 10
@@ -81,6 +87,11 @@ class BenchConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.serve_rate_hz < 0 or self.serve_paced_window_ms < 0:
+            raise ConfigError(
+                f"serve_rate_hz and serve_paced_window_ms must be >= 0 (rate 0: no paced robots), got "
+                f"{self.serve_rate_hz}, {self.serve_paced_window_ms}"
+            )
         if self.warmup < 0 or self.threads < 1:
             raise ConfigError(f"warmup must be >= 0 and threads >= 1; got {self.warmup}, {self.threads}")
 

@@ -281,6 +281,8 @@ class Bench:
             min(cfg.warmup, 1),
             cfg.threads,
             cfg.serve_latency_ticks,
+            cfg.serve_rate_hz,
+            cfg.serve_paced_window_ms,
             self._fleet_observation,
             self.common,
         )

@@ -5,11 +5,12 @@ observation window, the action queue, the previous action, the noise generator),
 its new observation each tick. Slots are made on first use and reused, so memory stays flat however
 many clients come and go.
 
-Batching across sessions: requests wait in one queue; the batcher takes the first, then collects more
-for up to ``batch_window_ms`` (or until every session of the last two ticks has a request in), and runs them
-as one tick of ``step_sessions``: one encoder call and one decoder run for all of them, on a single
-worker thread (the event loop keeps reading and writing sockets meanwhile). Each session gets the
-actions it would get alone (``step_sessions``), and a bad request fails only its own reply. With a
+Batching across sessions: requests wait in one queue; the batcher takes the first and every request
+already queued, then collects more for up to ``batch_window_ms`` (or until every session of the last
+two ticks has a request in), and runs them as one tick of ``step_sessions``: one encoder call and one
+decoder run for all of them, on a single worker thread (the event loop keeps reading and writing
+sockets meanwhile). Each session gets the actions it would get alone (``step_sessions``), and a bad
+request fails only its own reply. With a
 latency budget (``latency_ticks`` > 0) the chunks a tick plans for later ticks are sampled after its
 replies are sent, so a client's round trip on a replanning tick costs the encoder only.
 
@@ -66,7 +67,9 @@ class ServeOptions:
     idle_timeout_s: float = 300.0  # a session silent this long is closed and its slot freed
     token: str | None = None  # shared secret; clients send "Authorization: Bearer <token>"
     # How long a tick waits for the requests of the sessions that ticked lately (a lockstep fleet's
-    # requests arrive spread over a few ms); it stops waiting as soon as they are all in.
+    # requests arrive spread over a few ms); it stops waiting as soon as they are all in. Requests
+    # already queued always join the tick, so 0 batches only what is waiting: the choice for robots
+    # that tick on their own clocks, where waiting for a neighbour is pure latency.
     batch_window_ms: float = 5.0
     batching: bool = True  # False: every request is its own tick (the unbatched baseline)
     seed: int = 0  # a new session's noise seed until it resets with its own
@@ -321,7 +324,12 @@ class PolicyServer:
             if self.options.batching:
                 deadline = loop.time() + self.options.batch_window_ms / 1000.0
                 expected = self._expected_batch()
-                while len(batch) < expected:
+                while True:
+                    # Requests already waiting join at no cost in latency (also with a zero window).
+                    while not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                    if len(batch) >= expected:
+                        break
                     try:
                         batch.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
                     except TimeoutError:

@@ -159,6 +159,26 @@ def test_a_latency_budget_is_served_like_the_local_runtime(trained_run: Path) ->
             np.testing.assert_array_equal(client.step(obs), runtime.step(obs))
 
 
+def test_a_zero_batch_window_still_batches_what_is_queued(trained_run: Path) -> None:
+    # batch_window_ms=0 never waits, but a fleet's requests that queue while a tick computes join the
+    # next one; every session still gets its own actions.
+    n, steps = 6, 10
+    with serving(trained_run, "batch_window_ms=0") as (url, _), ClientFleet(url, n, seed=3) as fleet:
+        batches: list[int] = []
+        got = []
+        for t in range(steps):
+            obs = {"state": np.stack([observations(steps, i)[t]["state"] for i in range(n)])}
+            got.append(fleet.step(obs))
+            batches += [int(client.last_timing["batch"]) for client in fleet.clients]
+    assert max(batches) > 1
+    runtime = PolicyRuntime.from_pretrained(
+        resolve_policy_dir(trained_run), num_envs=n, seed=3, num_threads=1
+    )
+    for t in range(steps):
+        obs = {"state": np.stack([observations(steps, i)[t]["state"] for i in range(n)])}
+        np.testing.assert_allclose(got[t], runtime.step(obs), atol=1e-6, rtol=0)
+
+
 def test_an_oversized_message_closes_that_connection_only(trained_run: Path) -> None:
     with serving(trained_run, "max_message_bytes=2048") as (url, _), PolicyClient(url) as client:
         with pytest.raises(ValueError, match="at most 2048"):  # refused before it is sent
