@@ -43,14 +43,31 @@ CELL = re.compile(r"(?P<task>.+)_w(?P<window>\d+)_(?P<lever>[a-z_]+?)(?:_seed\d+
 # What a long default window must reach (issue H.3): within 2 points of the 2-step variant on a fully
 # observed task, >= 95% on the memory task.
 MEMORY_TASKS = ("memory_cue",)
-# scd-quality tables whose SCD rows are W = 2 references (trained with the library defaults).
-REFERENCE_TABLES = (RESULTS / "metaworld10" / "quality.json",)
+# scd-quality tables whose SCD rows are W = 2 references (trained with the library defaults), one per
+# training seed of H.4's sweep; those not written yet are skipped.
+REFERENCE_TABLES = tuple(
+    RESULTS / folder / "quality.json" for folder in ("metaworld10", "metaworld10_seed1", "metaworld10_seed2")
+)
 
 
-def reference_rows() -> dict[str, dict[str, Any]]:
-    """task -> the SCD row of a reference table, for tasks the lever sweeps ran without a 2-step cell."""
-    rows = [row for table in REFERENCE_TABLES for row in json.loads(table.read_text())["rows"]]
-    return {row["task"]: row for row in rows if row["policy"] == "scd"}
+def reference_rows() -> dict[str, list[dict[str, Any]]]:
+    """task -> the SCD rows of the reference tables (one per training seed), for tasks the lever sweeps
+    ran without a 2-step cell."""
+    references: dict[str, list[dict[str, Any]]] = {}
+    for table in REFERENCE_TABLES:
+        if table.exists():
+            for row in json.loads(table.read_text())["rows"]:
+                if row["policy"] == "scd":
+                    references.setdefault(row["task"], []).append(row)
+    return references
+
+
+def matched_reference(rows: list[dict[str, Any]], train_seeds: list[int]) -> dict[str, Any] | None:
+    """The reference rows of the training seeds a lever cell was trained with, pooled: a cell is compared
+    with the 2-step window at the same seeds, so training-seed variance does not pass for a lever's."""
+    same = [row for row in rows if set(row["train_seeds"]) <= set(train_seeds)]
+    covered = sorted(seed for row in same for seed in row["train_seeds"])
+    return pool_rows(same)[0] if same and covered == sorted(train_seeds) else None
 
 
 def collect(root: Path, into: Path) -> list[Path]:
@@ -88,7 +105,7 @@ def labelled_rows(folder: Path) -> list[dict[str, Any]]:
     ]
 
 
-def markdown(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]] | None = None) -> str:
+def markdown(rows: list[dict[str, Any]], references: dict[str, list[dict[str, Any]]] | None = None) -> str:
     references = references or {}
 
     def find(task: str, window: int, lever: str) -> dict[str, Any] | None:
@@ -133,9 +150,10 @@ def markdown(rows: list[dict[str, Any]], references: dict[str, dict[str, Any]] |
                 short = find(task, 2, "defaults")
                 where = ""
                 if short is None and task in references:
-                    short, where = references[task], " (H.4's table)"
+                    short = matched_reference(references[task], row["train_seeds"])
+                    where = f" (H.4's table, training seeds {row['train_seeds']})"
                 if short is None:
-                    verdicts.append(f"{task}: no 2-step row")
+                    verdicts.append(f"{task}: no 2-step row at training seeds {row['train_seeds']}")
                     continue
                 gap = round(100 * (row["success_mean"] - short["success_mean"]), 6)  # no float dust at -2
                 verdicts.append(
