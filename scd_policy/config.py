@@ -346,6 +346,10 @@ class EvalConfig:
     replan_every_step: bool = False
     latency_ticks: int = 0
     seam: str = "switch"
+    # The steps a causal policy attends to at run time (None: its own policy.context_window): a
+    # shorter history than the one it was trained with, to ask how much of it a policy uses. The
+    # windowed baseline sees n_obs_steps and ignores it.
+    context_window: int | None = None
     videos: int = 2  # episodes recorded as mp4 (0: none)
     video_size: int = 128
 
@@ -356,6 +360,10 @@ class EvalConfig:
         _require(self.max_steps is None or self.max_steps >= 1, "eval.max_steps must be >= 1")
         _require(self.videos >= 0 and self.video_size >= 16, "eval.videos >= 0 and eval.video_size >= 16")
         _require(self.latency_ticks >= 0, "eval.latency_ticks must be >= 0")
+        _require(
+            self.context_window is None or self.context_window >= 1,
+            f"eval.context_window={self.context_window}: expected >= 1 steps, or null for the policy's own",
+        )
         _require(
             self.seam in ("switch", "blend", "inpaint"),
             f"eval.seam={self.seam!r}: expected switch, blend or inpaint",

@@ -155,6 +155,7 @@ def evaluate(
             replan_every_step=cfg.replan_every_step,
             latency_ticks=cfg.latency_ticks,
             seam=cfg.seam,
+            context_window=cfg.context_window,
         )
 
     return evaluate_runtime(
@@ -265,6 +266,7 @@ def evaluate_runtime(
             "replan_every_step": cfg.replan_every_step,
             "latency_ticks": cfg.latency_ticks,
             "seam": cfg.seam,
+            "context_window": cfg.context_window,  # None: the policy's own
         },
         "per_seed": per_seed,
         "videos": [],
@@ -539,10 +541,15 @@ def _run_server_evaluation(cfg: EvalRunConfig) -> dict[str, Any]:
 
     assert cfg.server is not None
 
-    if cfg.num_inference_steps is not None or cfg.n_action_steps is not None or cfg.latency_ticks:
+    if (
+        cfg.num_inference_steps is not None
+        or cfg.n_action_steps is not None
+        or cfg.latency_ticks
+        or cfg.context_window is not None
+    ):
         raise ConfigError(
-            "with server=... the server decides num_inference_steps, n_action_steps and latency_ticks; "
-            "set them on scd-serve instead"
+            "with server=... the server decides num_inference_steps, n_action_steps, latency_ticks and "
+            "the context window; set them on scd-serve instead"
         )
     n_envs = min(cfg.n_envs, cfg.episodes)
     with ClientFleet(cfg.server, n_envs, token=cfg.token) as fleet:

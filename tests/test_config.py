@@ -77,6 +77,7 @@ def test_diffusion_policy_offsets() -> None:
         (lambda: TrainConfig(device="tpu"), "train.device='tpu'"),
         (lambda: TrainConfig(ema_decay=1.0), "ema_decay"),
         (lambda: EvalConfig(seeds=[]), "at least one seed"),
+        (lambda: EvalConfig(context_window=0), "eval.context_window=0: expected >= 1"),
     ],
 )
 def test_validation_errors(build: Any, message: str) -> None:

@@ -107,6 +107,22 @@ def test_collect_train_eval(dataset: Path, tmp_path: Path) -> None:
         EvalRunConfig(checkpoint=str(run_dir), episodes=2, seeds=[0, 1], n_envs=2, videos=0, out=str(out))
     )
     assert again["per_seed"] == results["per_seed"]
+    assert again["execution"]["context_window"] is None  # the policy's own 8 steps
+    # A shorter run-time history than the trained one (how much of its history does a policy use?):
+    # the same seeds, another rollout.
+    short = run_evaluation(
+        EvalRunConfig(
+            checkpoint=str(run_dir),
+            episodes=2,
+            seeds=[0, 1],
+            n_envs=2,
+            videos=0,
+            context_window=1,
+            out=str(out),
+        )
+    )
+    assert short["execution"]["context_window"] == 1
+    assert short["per_seed"] != results["per_seed"]
 
 
 def _train_cmd(dataset: Path, out: Path, steps: int, *extra: str) -> list[str]:
