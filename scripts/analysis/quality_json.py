@@ -34,6 +34,7 @@ TABLE_FILES = [
     "h/quality_reach_around_diffusion_policy_seed1.json",
     "h/metaworld10/quality.json",  # H.4: scripts/sweeps/metaworld10.sh (training seed 0)
     "h/metaworld10_seed1/quality.json",  # the same at training seed 1
+    "h/metaworld10_seed2/quality.json",  # and 2 (its few-step rows: issue M.1, K = 2)
 ]
 # H.3's window x lever cells, pooled and labelled (window, lever) by scripts/analysis/lever_table.py.
 LEVER_TABLE = "h/levers.json"
