@@ -6,8 +6,8 @@ rows the way ``scd-quality`` pools training seeds (``scd_policy.quality.pool_row
 training x evaluation seed pair) and writes the table ``scd-quality`` itself would have written for all
 the seeds at once (``quality.{json,md,png}``, per-category means included):
 
-    .venv/bin/python scripts/analysis/pooled_table.py docs/results/h/metaworld10{,_seed1,_seed2}/quality.json \\
-        --out docs/results/h/metaworld10_pooled
+    .venv/bin/python scripts/analysis/pooled_table.py \\
+        docs/results/h/metaworld10{,_seed1,_seed2}/quality.json --out docs/results/h/metaworld10_pooled
 
 Tables of different budgets refuse to pool (demos, preset, steps, batch and episodes must agree).
 Few-step rows (a distilled decoder's, ``few_step=``) are left out: they were run on some seeds only,
