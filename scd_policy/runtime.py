@@ -560,8 +560,10 @@ def step_sessions(
 
     Runtime i gets observations[i] and ends as its own ``step`` would leave it: same queue, previous
     action and generator state, the same action up to floating-point summation order (bit for bit when
-    only one runtime ticks). Returns, per runtime, its action (Da,) or the error its own ``step`` would
-    have raised, so that one session's bad observation never fails another's tick.
+    only one runtime ticks). Runtimes with ``defer_encoding`` that plan nothing this tick only buffer
+    their step, and a replanning tick encodes each session's buffered steps with the batch. Returns,
+    per runtime, its action (Da,) or the error its own ``step`` would have raised, so that one
+    session's bad observation never fails another's tick.
     """
     results, deferred = step_sessions_deferred(runtimes, observations)
     plan_sessions(deferred)
@@ -595,14 +597,21 @@ def step_sessions_deferred(
     deferred: list[PolicyRuntime] = []
     if live:
         policy = live[0][1].policy
-        states = [runtime._state for _, runtime, _, _ in live]
-        policy.observe_many(
-            states,
-            {key: torch.cat([tensors[key] for *_, tensors in live]) for key in live[0][3]},
-            torch.cat([runtime._prev_action for _, runtime, _, _ in live]),
-            torch.cat([runtime._prev_valid for _, runtime, _, _ in live]),
-        )
         planning = [runtime for _, runtime, _, _ in live if runtime._needs_chunk().numel()]
+        # Sessions that plan nothing this tick and defer encoding only buffer their step (as their own
+        # step() would); the others are encoded now.
+        waits = [runtime.defer_encoding and runtime not in planning for _, runtime, _, _ in live]
+        waiting = [entry for entry, wait in zip(live, waits, strict=True) if wait]
+        encoding = [entry for entry, wait in zip(live, waits, strict=True) if not wait]
+        for group, defer in ((waiting, True), (encoding, False)):
+            if group:
+                policy.observe_many(
+                    [runtime._state for _, runtime, _, _ in group],
+                    {key: torch.cat([tensors[key] for *_, tensors in group]) for key in group[0][3]},
+                    torch.cat([runtime._prev_action for _, runtime, _, _ in group]),
+                    torch.cat([runtime._prev_valid for _, runtime, _, _ in group]),
+                    defer=defer,
+                )
         deferred = [runtime for runtime in planning if runtime._can_defer_planning()]
         plan_sessions([runtime for runtime in planning if runtime not in deferred])
         for index, runtime, batched_input, _ in live:

@@ -124,6 +124,7 @@ def test_serve_suite_rows_and_report(tmp_path: Path) -> None:
         "serve_ticks=4",
         "serve_rounds=1",
         "serve_rate_hz=20",
+        "serve_defer_encoding=true",  # every session buffers its steps to its next replan
     ]
     subprocess.run([sys.executable, "-m", "scd_policy.cli.bench", *args], check=True, timeout=300)
     rows = json.loads((out / "results.json").read_text())
@@ -133,6 +134,7 @@ def test_serve_suite_rows_and_report(tmp_path: Path) -> None:
     by = {(r["mode"], r["batch"]): r for r in rows}
     for row in rows:
         assert row["suite"] == "serve" and row["policy"] == "scd" and row["actions_per_s"] > 0
+        assert row["defer_encoding"] is True
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["n"] == 4 * row["batch"]  # one latency per session per measured tick
         assert row["p99_vs_single"] == pytest.approx(row["p99_ms"] / by[(row["mode"], 1)]["p99_ms"])

@@ -8,6 +8,7 @@ import pytest
 from test_runtime import TYPES, K, build, episode
 
 from scd_policy.config import DiffusionConfig
+from scd_policy.policies import SeparableCausalDiffusionPolicy
 from scd_policy.runtime import (
     ObservationError,
     PolicyRuntime,
@@ -104,3 +105,44 @@ def test_deferred_planning_gives_the_same_actions() -> None:
         for i in range(3):
             np.testing.assert_allclose(results[i], alone[i].step({"state": obs[t, i]}), atol=1e-6, rtol=0)
     assert deferred_ticks >= 4  # every replan after the first chunk was deferred
+
+
+@pytest.mark.parametrize("policy_type", TYPES)
+def test_sessions_that_defer_encoding_equal_separate_runtimes(policy_type: str) -> None:
+    # defer_encoding: a session that plans nothing only buffers its step, and a replanning tick
+    # encodes every session's buffered steps with the batch. Sessions join late and skip ticks, so
+    # they buffer different numbers of steps, and context_window = 7 makes long gaps evict.
+    policy = build(policy_type)
+    n, ticks = 4, 30
+    active = schedule(n, ticks, seed=7)
+    obs = episode(ticks, n=n, seed=8)["state"]
+    served = [PolicyRuntime(policy, num_inference_steps=K, seed=i, defer_encoding=True) for i in range(n)]
+    alone = [PolicyRuntime(policy, num_inference_steps=K, seed=i, defer_encoding=True) for i in range(n)]
+    plain = [PolicyRuntime(policy, seed=i, num_inference_steps=K) for i in range(n)]
+    count = [0] * n
+    for tick in range(ticks):
+        rows = np.flatnonzero(active[tick]).tolist()
+        results = step_sessions([served[i] for i in rows], [{"state": obs[count[i], i]} for i in rows])
+        for i, result in zip(rows, results, strict=True):
+            assert isinstance(result, np.ndarray)
+            step_obs = {"state": obs[count[i], i]}
+            np.testing.assert_allclose(result, alone[i].step(step_obs), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(result, plain[i].step(step_obs), atol=1e-5, rtol=0)
+            count[i] += 1
+
+
+def test_deferring_sessions_encode_once_per_replanning_tick() -> None:
+    # Three lockstep sessions replan every N_EXEC = 3 ticks: the ticks between only tokenize, and each
+    # replan is one encoder call over all three sessions' buffered steps.
+    policy = build("scd")
+    assert isinstance(policy, SeparableCausalDiffusionPolicy)
+    calls: list[tuple[int, int]] = []  # (sessions, steps) of every encoder call
+    hook = policy.encoder.register_forward_pre_hook(lambda _, args: calls.append(args[0].shape[:2]))
+    obs = episode(9, n=3, seed=9)["state"]
+    served = [PolicyRuntime(policy, num_inference_steps=K, seed=i, defer_encoding=True) for i in range(3)]
+    try:
+        for t in range(9):
+            step_sessions(served, [{"state": obs[t, i]} for i in range(3)])
+    finally:
+        hook.remove()
+    assert calls == [(3, 1), (3, 3), (3, 3)]  # replans at ticks 0, 3, 6; ticks 7 and 8 are buffered

@@ -58,6 +58,9 @@ class BenchConfig:
     # The paced robots' server's batch_window_ms: 0 batches what is queued and never waits for a
     # neighbour (scd-serve's default, 5, suits lockstep fleets).
     serve_paced_window_ms: float = 0.0
+    # Every session (served and local) with PolicyRuntime(defer_encoding=True): ticks without a
+    # replan only buffer their step, the replan encodes the buffered steps (scd-serve defer_encoding).
+    serve_defer_encoding: bool = False
     # limit: the presets measured (default: size), at every K of ks and the first of histories.
     limit_sizes: list[str] = field(default_factory=list)
     state_dim: int = 10

@@ -16,6 +16,9 @@ Three ways to give n robots (or simulators) an action per tick, each measured on
   each period and replans over each open-loop cycle, as in a fleet of real robots. Their server's
   ``batch_window_ms`` is ``paced_window_ms`` (0: batch the requests already queued, never wait).
 
+``defer_encoding`` runs every session of every mode (served and local) with
+``PolicyRuntime(defer_encoding=True)``: a tick without a replan only buffers its step.
+
 In the lockstep modes every tick, every session sends its observation and waits for its action (a
 ``ClientFleet`` step): the worst case for tail latency, since every session replans at the same tick.
 Settings run interleaved, round-robin, ``serve_ticks`` ticks per round (several open-loop cycles, so
@@ -61,6 +64,7 @@ def serve_suite(
     latency_ticks: int,
     rate_hz: float,
     paced_window_ms: float,
+    defer_encoding: bool,
     observe: Callable[[int], dict[str, np.ndarray]],
     common: dict[str, Any],
 ) -> list[Row]:
@@ -78,6 +82,7 @@ def serve_suite(
             f"num_threads={threads}",
             f"max_sessions={sum(sessions)}",
             f"latency_ticks={latency_ticks}",
+            f"defer_encoding={str(defer_encoding).lower()}",
         ]
         # The paced robots get a batching server of their own (its sessions' recent ticks, what the
         # batcher waits for, are not mixed with the lockstep fleets'), with its own batch window.
@@ -96,7 +101,12 @@ def serve_suite(
                         fleet = ClientFleet(server.url, n)
                         fleets.append(fleet)
                         actions[(mode, n)] = _served(fleet, ticks, observe, latencies[(mode, n)])
-                    runtimes = [PolicyRuntime(policy, seed=i, latency_ticks=latency_ticks) for i in range(n)]
+                    runtimes = [
+                        PolicyRuntime(
+                            policy, seed=i, latency_ticks=latency_ticks, defer_encoding=defer_encoding
+                        )
+                        for i in range(n)
+                    ]
                     actions[("local", n)] = _local(runtimes, ticks, observe, latencies[("local", n)])
                     if rate_hz > 0:
                         fleet = ClientFleet(paced.url, n)
@@ -130,6 +140,7 @@ def serve_suite(
                 "actions_per_s": 1000.0 * n * ticks * len(wall_ms) / float(np.sum(wall_ms)),
                 "ticks_per_round": ticks,
                 "latency_ticks": latency_ticks,
+                "defer_encoding": defer_encoding,
                 "rate_hz": rate_hz if mode == "served_paced" else None,
                 "batch_window_ms": paced_window_ms if mode == "served_paced" else None,
                 "n": float(per_session.size),

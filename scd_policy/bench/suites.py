@@ -283,6 +283,7 @@ class Bench:
             cfg.serve_latency_ticks,
             cfg.serve_rate_hz,
             cfg.serve_paced_window_ms,
+            cfg.serve_defer_encoding,
             self._fleet_observation,
             self.common,
         )

@@ -190,17 +190,20 @@ class Policy(nn.Module, ABC):
         obs: Mapping[str, Tensor],
         prev_action: Tensor,
         prev_valid: Tensor,
+        *,
+        defer: bool = False,
     ) -> None:
         """``observe`` for R separate single-stream states at once: row i of obs[key] (R, *shape),
         prev_action (R, Da) and prev_valid (R,) is states[i]'s step. Each state ends exactly as its own
-        ``observe`` would leave it, up to floating-point summation order where the policy batches.
-        Default: one ``observe`` per state."""
+        ``observe`` (with ``defer``) would leave it, up to floating-point summation order where the
+        policy batches. Default: one ``observe`` per state."""
         for row, state in enumerate(states):
             self.observe(
                 state,
                 {key: value[row : row + 1] for key, value in obs.items()},
                 prev_action[row : row + 1],
                 prev_valid[row : row + 1],
+                defer=defer,
             )
 
     def sample_many(

@@ -161,9 +161,7 @@ class CausalPolicy(Policy, Generic[ContextT]):
     ) -> None:
         causal = self._causal_state(state)
         causal.pending.append(self.step_tokens(obs, prev_action, prev_valid))
-        # A deferred step waits for the next sampled one, but never longer than the window: what is
-        # buffered is then at most one window, the block size predict_chunk encodes in too.
-        if not defer or len(causal.pending) >= (causal.cache.max_steps or self.config.context_window):
+        if not defer or self.buffer_full(causal):
             causal.encode_pending()
 
     def sample(
@@ -186,6 +184,12 @@ class CausalPolicy(Policy, Generic[ContextT]):
         return self.sample_chunk(
             context, num_inference_steps=num_inference_steps, generator=generator, noise=noise, prefix=prefix
         )
+
+    def buffer_full(self, causal: CausalStreamState[ContextT]) -> bool:
+        """Whether a deferred step must be encoded now: it waits for the next sampled one, but never
+        longer than the window, so what is buffered is at most one window (the block size
+        predict_chunk encodes in too)."""
+        return len(causal.pending) >= (causal.cache.max_steps or self.config.context_window)
 
     def _causal_state(self, state: StreamState) -> CausalStreamState[ContextT]:
         causal: CausalStreamState[ContextT] = self.own_state(state, CausalStreamState)

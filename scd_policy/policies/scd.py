@@ -15,7 +15,8 @@ form their own AdamW groups at ``lr * decoder_lr_scale``.
 Streaming (see ``scd_policy.policies.causal``): ``encode_step`` = one encoder call (L_enc layers) on the
 new step; ``sample_chunk`` = K decoder calls (K * L_dec layers), independent of the history length.
 ``observe_many`` / ``sample_many`` batch that over separate single-stream states (a server's sessions):
-one encoder call over their ``StackedCache`` and one decoder run over their contexts.
+one tokenizer call, one encoder call over their ``StackedCache`` per number of buffered steps (all
+states but those that defer encoding), and one decoder run over their contexts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from scd_policy.models.encoder import CausalEncoder
 from scd_policy.models.kv_cache import KVCache, StackedCache, StepCache
 from scd_policy.models.normalizer import Normalizer
 from scd_policy.policies.base import StreamState, masked_mse
-from scd_policy.policies.causal import CausalPolicy
+from scd_policy.policies.causal import CausalPolicy, CausalStreamState
 
 if TYPE_CHECKING:
     from scd_policy.backends.engine import StepEngine
@@ -85,17 +86,37 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
         obs: Mapping[str, Tensor],
         prev_action: Tensor,
         prev_valid: Tensor,
+        *,
+        defer: bool = False,
     ) -> None:
-        # One encoder call over the states' own caches (each keeps its own steps and window).
+        # One tokenizer call for every state's step, then one encoder call per number of buffered
+        # steps over the states' own caches (each keeps its own steps and window).
         if len(states) == 1:  # the single-stream path itself, bit for bit
-            self.observe(states[0], obs, prev_action, prev_valid)
+            self.observe(states[0], obs, prev_action, prev_valid, defer=defer)
             return
         owned = [self._causal_state(state) for state in states]
-        for state in owned:  # steps a runtime's own step() deferred come first, one state at a time
-            state.encode_pending()
-        context = self.encode_step(obs, prev_action, StackedCache([s.cache for s in owned]), prev_valid)
+        tokens = self.step_tokens(obs, prev_action, prev_valid)  # (R, 1, S, D)
         for row, state in enumerate(owned):
-            state.context = context[row : row + 1]  # (1, n_ctx, D)
+            state.pending.append(tokens[row : row + 1])
+        self.encode_pending_many([state for state in owned if not defer or self.buffer_full(state)])
+
+    def encode_pending_many(self, states: Sequence[CausalStreamState[Tensor]]) -> None:
+        """``encode_pending`` of every state, batched: the states that buffered the same number of steps
+        (T) go through one encoder call over their ``StackedCache`` ((G, T, S, D) tokens). A server's
+        sessions that replan at one tick after the same open-loop cycle all buffered the same T."""
+        groups: dict[int, list[CausalStreamState[Tensor]]] = {}
+        for state in states:
+            if state.pending:
+                groups.setdefault(len(state.pending), []).append(state)
+        for members in groups.values():
+            if len(members) == 1:
+                members[0].encode_pending()
+                continue
+            tokens = torch.cat([torch.cat(state.pending, dim=1) for state in members])  # (G, T, S, D)
+            context = self.encode_tokens(tokens, StackedCache([state.cache for state in members]))
+            for row, state in enumerate(members):
+                state.pending = []
+                state.context = context[row : row + 1]  # (1, n_ctx, D)
 
     def sample_many(
         self,
@@ -107,8 +128,7 @@ class SeparableCausalDiffusionPolicy(CausalPolicy[Tensor]):
     ) -> Tensor:
         # One decoder run over the states' contexts side by side.
         owned = [self._causal_state(state) for state in states]
-        for state in owned:
-            state.encode_pending()
+        self.encode_pending_many(owned)
         contexts = [state.context for state in owned]
         if any(context is None for context in contexts):
             raise RuntimeError("sample_many() before observe(): a state has no step to plan for")

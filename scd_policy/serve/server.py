@@ -81,6 +81,10 @@ class ServeOptions:
     # seam between chunks.
     latency_ticks: int = 0
     seam: str = "switch"
+    # Open loop, causal policies: a tick at which a session plans nothing only buffers its step, and its
+    # next replan encodes the buffered steps in one call with the other sessions replanning then (the
+    # same actions to float32 rounding; ticks between replans then cost almost nothing).
+    defer_encoding: bool = False
 
 
 @dataclass
@@ -140,6 +144,7 @@ class PolicyServer:
             context_window=o.context_window,
             latency_ticks=o.latency_ticks,
             seam=o.seam,
+            defer_encoding=o.defer_encoding,
         )
 
     def _describe(self, runtime: PolicyRuntime) -> dict[str, Any]:
@@ -163,6 +168,7 @@ class PolicyServer:
             "replan_every_step": runtime.replan_every_step,
             "latency_ticks": runtime.latency_ticks,
             "seam": self.options.seam,
+            "defer_encoding": runtime.defer_encoding,
             "max_message_bytes": self.options.max_message_bytes,
             "max_sessions": self.options.max_sessions,
         }

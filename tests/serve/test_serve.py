@@ -179,6 +179,23 @@ def test_a_zero_batch_window_still_batches_what_is_queued(trained_run: Path) -> 
         np.testing.assert_allclose(got[t], runtime.step(obs), atol=1e-6, rtol=0)
 
 
+def test_deferred_encoding_is_served_like_the_local_runtime(trained_run: Path) -> None:
+    # defer_encoding: a fleet's ticks between replans only buffer each session's step; the replanning
+    # tick encodes them with the batch. The actions are a local deferring runtime's.
+    n, steps = 4, 13
+    with (
+        serving(trained_run, "defer_encoding=true") as (url, _),
+        ClientFleet(url, n, seed=8) as fleet,
+    ):
+        assert fleet.metadata["defer_encoding"] is True
+        runtime = PolicyRuntime.from_pretrained(
+            resolve_policy_dir(trained_run), num_envs=n, seed=8, num_threads=1, defer_encoding=True
+        )
+        for t in range(steps):
+            obs = {"state": np.stack([observations(steps, i)[t]["state"] for i in range(n)])}
+            np.testing.assert_allclose(fleet.step(obs), runtime.step(obs), atol=1e-6, rtol=0)
+
+
 def test_an_oversized_message_closes_that_connection_only(trained_run: Path) -> None:
     with serving(trained_run, "max_message_bytes=2048") as (url, _), PolicyClient(url) as client:
         with pytest.raises(ValueError, match="at most 2048"):  # refused before it is sent
