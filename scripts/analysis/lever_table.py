@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from quality_json import metaworld10_tables  # this folder's own module (the script's sys.path[0])
+
 from scd_policy.quality import pool_rows
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "h"
@@ -44,10 +46,8 @@ CELL = re.compile(r"(?P<task>.+)_w(?P<window>\d+)_(?P<lever>[a-z_]+?)(?:_seed\d+
 # observed task, >= 95% on the memory task.
 MEMORY_TASKS = ("memory_cue",)
 # scd-quality tables whose SCD rows are W = 2 references (trained with the library defaults), one per
-# training seed of H.4's sweep; those not written yet are skipped.
-REFERENCE_TABLES = tuple(
-    RESULTS / folder / "quality.json" for folder in ("metaworld10", "metaworld10_seed1", "metaworld10_seed2")
-)
+# training seed of H.4's sweep (quality_json.py keeps the list).
+REFERENCE_TABLES = tuple(metaworld10_tables())
 
 
 def reference_rows() -> dict[str, list[dict[str, Any]]]:
@@ -55,10 +55,9 @@ def reference_rows() -> dict[str, list[dict[str, Any]]]:
     ran without a 2-step cell."""
     references: dict[str, list[dict[str, Any]]] = {}
     for table in REFERENCE_TABLES:
-        if table.exists():
-            for row in json.loads(table.read_text())["rows"]:
-                if row["policy"] == "scd":
-                    references.setdefault(row["task"], []).append(row)
+        for row in json.loads(table.read_text())["rows"]:
+            if row["policy"] == "scd":
+                references.setdefault(row["task"], []).append(row)
     return references
 
 

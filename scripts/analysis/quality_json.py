@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from scd_policy.quality import Cell, QualityConfig, pool_rows, table_row
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+# H.4's sweep (scripts/sweeps/metaworld10.sh), one folder per training seed: h/metaworld10 (seed 0)
+# and h/metaworld10_seed<k>; seed 2's table also holds issue M.1's few-step rows (K = 2).
+METAWORLD10_FOLDER = re.compile(r"metaworld10(_seed\d+)?")
+
+
+def metaworld10_tables() -> list[Path]:
+    """The scd-quality tables of H.4's training seeds committed so far (not the pooled one)."""
+    tables = (RESULTS / "h").glob("metaworld10*/quality.json")
+    return sorted(table for table in tables if METAWORLD10_FOLDER.fullmatch(table.parent.name))
+
 
 # scd-quality rows, by the folder they are committed in.
 TABLE_FILES = [
@@ -32,9 +43,7 @@ TABLE_FILES = [
     "h/quality_push_t_diffusion_policy_seed1.json",
     "h/quality_reach_around_diffusion_policy.json",
     "h/quality_reach_around_diffusion_policy_seed1.json",
-    "h/metaworld10/quality.json",  # H.4: scripts/sweeps/metaworld10.sh (training seed 0)
-    "h/metaworld10_seed1/quality.json",  # the same at training seed 1
-    "h/metaworld10_seed2/quality.json",  # and 2 (its few-step rows: issue M.1, K = 2)
+    *(str(table.relative_to(RESULTS)) for table in metaworld10_tables()),
 ]
 # H.3's window x lever cells, pooled and labelled (window, lever) by scripts/analysis/lever_table.py.
 LEVER_TABLE = "h/levers.json"
