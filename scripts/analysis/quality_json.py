@@ -25,15 +25,22 @@ from typing import Any
 from scd_policy.quality import Cell, QualityConfig, pool_rows, table_row
 
 RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
-# H.4's sweep (scripts/sweeps/metaworld10.sh), one folder per training seed: h/metaworld10 (seed 0)
-# and h/metaworld10_seed<k>; seed 2's table also holds issue M.1's few-step rows (K = 2).
-METAWORLD10_FOLDER = re.compile(r"metaworld10(_seed\d+)?")
+# Sweeps committed one folder per training seed: <sweep> (seed 0) and <sweep>_seed<k>. H.4's
+# (scripts/sweeps/metaworld10.sh; seed 2's table also holds issue M.1's few-step rows, K = 2) and
+# H.5's (scripts/sweeps/push_t_camera.sh, committed as push_t_camera_seed<k> from the start).
+SEED_SWEEPS = ("metaworld10", "push_t_camera")
+
+
+def seed_tables(sweep: str) -> list[Path]:
+    """The scd-quality tables of one sweep's training seeds committed so far (not a pooled one)."""
+    folder = re.compile(rf"{sweep}(_seed\d+)?")
+    tables = (RESULTS / "h").glob(f"{sweep}*/quality.json")
+    return sorted(table for table in tables if folder.fullmatch(table.parent.name))
 
 
 def metaworld10_tables() -> list[Path]:
-    """The scd-quality tables of H.4's training seeds committed so far (not the pooled one)."""
-    tables = (RESULTS / "h").glob("metaworld10*/quality.json")
-    return sorted(table for table in tables if METAWORLD10_FOLDER.fullmatch(table.parent.name))
+    """H.4's per-seed tables (the 2-step references of lever_table.py)."""
+    return seed_tables("metaworld10")
 
 
 # scd-quality rows, by the folder they are committed in.
@@ -43,7 +50,7 @@ TABLE_FILES = [
     "h/quality_push_t_diffusion_policy_seed1.json",
     "h/quality_reach_around_diffusion_policy.json",
     "h/quality_reach_around_diffusion_policy_seed1.json",
-    *(str(table.relative_to(RESULTS)) for table in metaworld10_tables()),
+    *(str(table.relative_to(RESULTS)) for sweep in SEED_SWEEPS for table in seed_tables(sweep)),
 ]
 # H.3's window x lever cells, pooled and labelled (window, lever) by scripts/analysis/lever_table.py.
 LEVER_TABLE = "h/levers.json"
