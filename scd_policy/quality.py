@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +96,10 @@ class QualityConfig:
     # Train and evaluate nothing: rewrite the table from the runs already evaluated under `out` (e.g. a
     # sweep split over several machines by task, its runs/ folders copied together).
     report_only: bool = False
+    # (cell, policy) pairs trained at once, one process each (on an n-core CPU: jobs=n with threads=1).
+    # The demonstrations are collected first; each pair's output goes to <out>/logs/<cell>_<policy>.txt
+    # and the table is rewritten as pairs finish.
+    jobs: int = 1
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.policies) - set(POLICY_TYPES))
@@ -115,6 +124,8 @@ class QualityConfig:
             raise ConfigError(
                 f"few_step={self.few_step} distils scd's decoder; policies={self.policies} has no scd"
             )
+        if self.jobs < 1:
+            raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if self.distill_steps < 1:
             raise ConfigError(f"distill_steps must be >= 1, got {self.distill_steps}")
         for task in dict.fromkeys([*self.tasks, *self.image_tasks]):
@@ -222,22 +233,11 @@ def _follow_train_window(changes: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
-def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str, Any]:
-    """Train (or resume) one policy on one cell's demonstrations with one training seed and evaluate it;
-    reuses a finished run."""
+def collect_dataset(cfg: QualityConfig, cell: Cell) -> Path:
+    """The cell's demonstrations (``<out>/data/<cell>.zarr``), collected or topped up to ``demos``."""
     from scd_policy.collection import CollectConfig, collect_up_to
-    from scd_policy.evaluation import run_evaluation
-    from scd_policy.training.checkpoint import list_checkpoints
-    from scd_policy.training.experiment import run_training
 
-    out = Path(cfg.out)
-    run_dir = run_dir_of(cfg, cell, policy, seed)
-    results_path = run_dir / eval_file(cfg)
-    if results_path.exists():
-        log.info("%s / %s / seed %d: already evaluated (%s)", cell.name, policy, seed, results_path)
-        results: dict[str, Any] = json.loads(results_path.read_text())
-        return results
-    dataset = out / "data" / f"{cell.name}.zarr"
+    dataset = Path(cfg.out) / "data" / f"{cell.name}.zarr"
     collect_up_to(
         CollectConfig(
             task=cell.task,
@@ -249,6 +249,23 @@ def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str
         ),
         cfg.demos,
     )
+    return dataset
+
+
+def run_cell(cfg: QualityConfig, cell: Cell, policy: str, seed: int) -> dict[str, Any]:
+    """Train (or resume) one policy on one cell's demonstrations with one training seed and evaluate it;
+    reuses a finished run."""
+    from scd_policy.evaluation import run_evaluation
+    from scd_policy.training.checkpoint import list_checkpoints
+    from scd_policy.training.experiment import run_training
+
+    run_dir = run_dir_of(cfg, cell, policy, seed)
+    results_path = run_dir / eval_file(cfg)
+    if results_path.exists():
+        log.info("%s / %s / seed %d: already evaluated (%s)", cell.name, policy, seed, results_path)
+        results: dict[str, Any] = json.loads(results_path.read_text())
+        return results
+    dataset = collect_dataset(cfg, cell)
     log.info(
         "%s / %s / seed %d: training (%s preset, %d steps) -> %s",
         cell.name,
@@ -684,30 +701,86 @@ def evaluated_rows(cfg: QualityConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def run_pair(cfg: QualityConfig, cell: Cell, policy: str) -> list[dict[str, Any]]:
+    """The table rows of one (cell, policy): its runs at every training seed, pooled, and for scd the
+    distilled few-step rows."""
+    runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]
+    rows = [table_row(cfg, cell, policy, runs)]
+    if policy == "scd" and cfg.few_step:
+        distilled = [run_few_step(cfg, cell, seed) for seed in cfg.train_seeds]
+        rows += [table_row(cfg, cell, policy, [d[k] for d in distilled], shortcut=True) for k in cfg.few_step]
+    return rows
+
+
 def run_quality(cfg: QualityConfig, command: str = "scd-quality") -> list[dict[str, Any]]:
-    """Run every (cell, policy) of the sweep in order, rewriting the table after each; returns its rows.
-    With ``report_only`` nothing is run: the table is written from the runs evaluated already."""
+    """Run every (cell, policy) of the sweep (``jobs`` at a time), rewriting the table after each;
+    returns its rows in table order. With ``report_only`` nothing is run: the table is written from the
+    runs evaluated already."""
     if cfg.report_only:
         rows = evaluated_rows(cfg)
         paths = write_table(rows, cfg, command)
         log.info("table of %d evaluated (cell, policy) pairs -> %s", len(rows), paths["markdown"])
         return rows
-    rows = []
-    for cell in cells(cfg):
-        for policy in cfg.policies:
-            runs = [run_cell(cfg, cell, policy, seed) for seed in cfg.train_seeds]
-            rows.append(table_row(cfg, cell, policy, runs))
-            if policy == "scd" and cfg.few_step:
-                distilled = [run_few_step(cfg, cell, seed) for seed in cfg.train_seeds]
-                for k in cfg.few_step:
-                    rows.append(table_row(cfg, cell, policy, [d[k] for d in distilled], shortcut=True))
-            paths = write_table(rows, cfg, command)
-            log.info(
-                "%s / %s: success %.1f%% ± %.1f -> %s",
-                cell.name,
-                policy,
-                100 * rows[-1]["success_rate"],
-                100 * rows[-1]["success_rate_std"],
-                paths["markdown"],
-            )
-    return rows
+    pairs = [(cell, policy) for cell in cells(cfg) for policy in cfg.policies]
+    finished: dict[int, list[dict[str, Any]]] = {}  # pair index -> its rows
+
+    def record(index: int, rows: list[dict[str, Any]]) -> None:
+        finished[index] = rows
+        paths = write_table([row for i in sorted(finished) for row in finished[i]], cfg, command)
+        cell, policy = pairs[index]
+        log.info(
+            "%s / %s: success %.1f%% ± %.1f -> %s",
+            cell.name,
+            policy,
+            100 * rows[0]["success_rate"],
+            100 * rows[0]["success_rate_std"],
+            paths["markdown"],
+        )
+
+    if cfg.jobs == 1 or len(pairs) == 1:
+        for index, (cell, policy) in enumerate(pairs):
+            record(index, run_pair(cfg, cell, policy))
+    else:
+        _run_pairs_in_processes(cfg, pairs, record)
+    return [row for i in sorted(finished) for row in finished[i]]
+
+
+def _run_pairs_in_processes(
+    cfg: QualityConfig, pairs: list[tuple[Cell, str]], record: Callable[[int, list[dict[str, Any]]], None]
+) -> None:
+    """``run_pair`` of every pair in ``cfg.jobs`` worker processes, the next pair starting as one
+    finishes; ``record`` is called in this process as each one's rows arrive."""
+    for cell in cells(cfg):  # once, before several workers of one cell would collect it at once
+        collect_dataset(cfg, cell)
+    logs = Path(cfg.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    # Spawned, not forked: a fork of a process that has run torch (collection, a caller's own work) can
+    # inherit locked OpenMP state.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_pair_logged, cfg, cell, policy, logs / f"{cell.name}_{policy}.txt"): index
+            for index, (cell, policy) in enumerate(pairs)
+        }
+        log.info("%d (cell, policy) pairs, %d at a time; their logs: %s/", len(pairs), cfg.jobs, logs)
+        try:
+            for future in as_completed(futures):
+                record(futures[future], future.result())
+        except BaseException:
+            for future in futures:  # no new pairs; the running ones finish (their runs checkpoint)
+                future.cancel()
+            raise
+
+
+def _run_pair_logged(cfg: QualityConfig, cell: Cell, policy: str, log_path: Path) -> list[dict[str, Any]]:
+    """A worker process's ``run_pair``, its output (logs, progress bars, native libraries') appended to
+    ``log_path``."""
+    from scd_policy.cli.common import setup_logging  # the one log format
+
+    with log_path.open("a") as sink:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            os.dup2(sink.fileno(), stream.fileno())
+    setup_logging()
+    log.info("%s / %s: started in process %d", cell.name, policy, os.getpid())
+    return run_pair(cfg, cell, policy)

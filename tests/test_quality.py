@@ -61,8 +61,11 @@ def tiny_sweep(out: Path) -> QualityConfig:
 def test_sweep_writes_the_table_and_continues_without_retraining(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = tiny_sweep(tmp_path / "sweep")
+    # Two pairs at a time, each in its own process with its own log; the re-run below is serial and
+    # must read back exactly the table the parallel run wrote.
+    cfg = replace(tiny_sweep(tmp_path / "sweep"), jobs=2)
     rows = run_quality(cfg, command="scd-quality test")
+    cfg.jobs = 1
 
     assert [(r["task"], r["observation"], r["policy"]) for r in rows] == [
         ("push_t", "state", "scd"),
@@ -95,6 +98,10 @@ def test_sweep_writes_the_table_and_continues_without_retraining(
     assert "| task | observation | scd | diffusion_policy | scd - best baseline (points) |" in table
     assert "| push_t | state |" in table and "(coverage " in table and "| reach_around | image |" in table
     assert (out / "quality.png").stat().st_size > 1000
+    logs = sorted(path.name for path in (out / "logs").iterdir())
+    cells_run = ("push_t", "reach_around_image")
+    assert logs == sorted(f"{cell}_{policy}.txt" for cell in cells_run for policy in cfg.policies)
+    assert "push_t / scd / seed 3: training" in (out / "logs" / "push_t_scd.txt").read_text()
     # Same demonstrations for every policy of a cell; the image cell's policies read the camera only.
     assert sorted(p.name for p in (out / "data").iterdir()) == ["push_t.zarr", "reach_around_image.zarr"]
     trained = OmegaConf.load(out / "runs/push_t/scd/seed3/config.yaml")
@@ -228,6 +235,7 @@ def test_runs_share_the_budget_and_resume_an_interrupted_run(tmp_path: Path) -> 
         ({"steps": 0}, "steps must be >= 1"),
         ({"few_step": [1, 1]}, "distinct denoising step counts"),
         ({"few_step": [2], "policies": ["diffusion_policy"]}, "has no scd"),
+        ({"jobs": 0}, "jobs must be >= 1, got 0"),
     ],
 )
 def test_bad_sweep_configs_say_what_is_wrong(changes: dict[str, object], message: str) -> None:

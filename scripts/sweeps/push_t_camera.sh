@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue H.5: push_t from the camera only (one 96x96 top view, no state vector), scd against
 # diffusion_policy on the same 500 demonstrations and budget, 50 episodes x evaluation seeds [0, 1, 2]
-# per training seed. One scd-quality process per policy (one core each) in one sweep folder, then one
-# report over both. Every run checkpoints: re-run the same command to continue an interrupted sweep
+# per training seed. One scd-quality with jobs=2: both policies at once, one core each, each logging to
+# <out>/logs/. Every run checkpoints: re-run the same command to continue an interrupted sweep
 # (a later session picks up where the last one stopped).
 #
 # The budget is the issue's 2 core-hours per run: on this CPU a `small` image policy at batch 64
@@ -19,17 +19,7 @@ policies=${4:-scd,diffusion_policy}
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 export OMP_NUM_THREADS=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
 mkdir -p "$out"
-common=(tasks=[] image_tasks=[push_t] demos=500 size=small "steps=$steps" batch_size=64 threads=1
-  "train_seeds=[$seed]" episodes=50 "seeds=[0,1,2]" n_envs=1 workers=1)
-# The demonstrations once (where scd-quality looks for the camera cell's), before two processes
-# would both start collecting them.
-"$repo/.venv/bin/python" -c "from scd_policy.collection import CollectConfig, collect_up_to
-collect_up_to(CollectConfig(task='push_t', out='$out/data/push_t_image.zarr', image=True, image_size=96,
-  workers=2), 500)"
-for policy in ${policies//,/ }; do
-  nice -n 10 "$repo/.venv/bin/scd-quality" out="$out" "${common[@]}" "policies=[$policy]" \
-    >"$out/log_$policy.txt" 2>&1 &
-done
-wait
-"$repo/.venv/bin/scd-quality" out="$out" "${common[@]}" "policies=[$policies]" report_only=true
+nice -n 10 "$repo/.venv/bin/scd-quality" out="$out" tasks=[] image_tasks=[push_t] demos=500 size=small \
+  "steps=$steps" batch_size=64 threads=1 "train_seeds=[$seed]" episodes=50 "seeds=[0,1,2]" n_envs=1 \
+  workers=2 jobs=2 "policies=[$policies]"
 cat "$out/quality.md"
